@@ -1,0 +1,1 @@
+"""Backend adapters: the contract (``base``) and the built-in OpenAI-compatible one (``generic``)."""

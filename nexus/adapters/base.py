@@ -1,0 +1,112 @@
+"""The backend adapter contract, with the OpenAI-compatible behaviour as its default.
+
+An adapter knows one backend *type*: how to probe it, list its models with their
+capabilities, and address and authenticate proxied requests. Plugins subclass
+:class:`BackendAdapter` (usually through :class:`nexus.adapters.generic.GenericAdapter`)
+and register the class with the ``register_backend_types`` hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import aiohttp
+
+from nexus.adapters.heuristics import model_from_name
+from nexus.config import BackendConfig
+from nexus.registry import ModelInfo
+
+
+class ProbeFailed(Exception):
+    """The backend did not answer its health probe correctly (counts as a failure)."""
+
+
+class BackendAdapter:
+    """Base class of every adapter. One instance per backend, built once at registration.
+
+    Class attributes:
+        type_name: the config ``type`` this adapter serves (e.g. ``"ollama"``).
+        default_port: the backend's well-known port (used by discovery and docs).
+        cloud: ``True`` for cloud services (header ``X-Nexus-Backend-Type: cloud``,
+            default zone ``open``, client ``Authorization`` never forwarded).
+        translates: ``True`` when :meth:`translate_response` / :meth:`translate_event`
+            change bytes; when ``False`` the proxy skips calling them.
+    """
+
+    type_name: ClassVar[str] = ""
+    default_port: ClassVar[int | None] = None
+    cloud: ClassVar[bool] = False
+    translates: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        spec: BackendConfig,
+        session: aiohttp.ClientSession,
+        *,
+        api_key: str | None = None,
+        probe_timeout: float = 5.0,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.session = session
+        self.api_key = api_key
+        self.base_url = normalise_base_url(spec.url)
+        self.probe_timeout = aiohttp.ClientTimeout(total=probe_timeout)
+        self.settings = settings or {}
+        self._auth_header = {"Authorization": f"Bearer {api_key}"} if api_key else None
+
+    @classmethod
+    def default_zone(cls) -> str:
+        return "open" if cls.cloud else "restricted"
+
+    # -- health and models -------------------------------------------------------------
+
+    async def probe(self) -> list[ModelInfo] | None:
+        """Check the backend and list its models.
+
+        Returns the models (possibly empty), or ``None`` when the backend answered but
+        its model list could not be parsed (healthy; the last known list is kept).
+        Raises :class:`ProbeFailed` (or an ``aiohttp``/timeout error) when unhealthy.
+        """
+        raise NotImplementedError
+
+    def describe_model(self, model_id: str) -> ModelInfo:
+        """Capabilities of a model the config names (``models``) or the backend lists bare."""
+        return model_from_name(model_id, embedding=model_id in self.spec.embedding_models)
+
+    # -- proxying ----------------------------------------------------------------------
+
+    def upstream_url(self, endpoint: str) -> str:
+        """The URL for an OpenAI API path such as ``/v1/chat/completions``."""
+        return self.base_url + endpoint
+
+    def upstream_headers(self, client_authorization: str | None) -> dict[str, str]:
+        """Outgoing headers. CONTRACT §10: a configured key always wins; the client's
+        ``Authorization`` goes only to local backends without a configured key."""
+        headers = {"Content-Type": "application/json"}
+        if self._auth_header is not None:
+            headers.update(self._auth_header)
+        elif client_authorization and not self.cloud:
+            headers["Authorization"] = client_authorization
+        return headers
+
+    def prepare_body(self, endpoint: str, body: bytes) -> bytes:
+        """The body sent upstream (already model-rewritten). Identity unless ``translates``."""
+        return body
+
+    def translate_response(self, endpoint: str, body: bytes) -> bytes:
+        """A non-streaming 2xx body as the client should see it. Identity unless ``translates``."""
+        return body
+
+    def translate_event(self, endpoint: str, event: bytes) -> bytes:
+        """One SSE event (with its blank-line terminator). Identity unless ``translates``."""
+        return event
+
+
+def normalise_base_url(url: str) -> str:
+    """Strip a trailing slash and a trailing ``/v1`` so paths are never doubled."""
+    url = url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    return url

@@ -1,0 +1,277 @@
+"""The ``nexus`` command line. Errors are one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nexus import __version__, config as config_mod, logs
+from nexus.errors import ConfigError
+from nexus.plugins import PluginHost, create_host
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class CliError(click.ClickException):
+    """Printed as ``Error: <message>`` on stderr, exit status 1."""
+
+
+def _load_config(path: str | None, overrides: dict[tuple[str, str], Any] | None = None) -> config_mod.Config:
+    try:
+        return config_mod.load(path, overrides=overrides)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _fetch(url: str, path: str) -> Any:
+    """GET a JSON document from a running Nexus (no proxies: it is usually on loopback)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    target = url.rstrip("/") + path
+    try:
+        with opener.open(target, timeout=5) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        raise CliError(f"{target} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(f"no Nexus answering at {url} ({reason}); is `nexus serve` running?") from None
+    except ValueError:
+        raise CliError(f"{target} did not return JSON; is that a Nexus server?") from None
+
+
+def _emit(data: Any, as_json: bool, render: Any) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else render(data))
+
+
+url_option = click.option("--url", default=DEFAULT_URL, show_default=True, help="Base URL of a running Nexus.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="nexus")
+def cli() -> None:
+    """Nexus: one OpenAI-compatible endpoint in front of your LLM backends."""
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), envvar="NEXUS_CONFIG",
+              help="Config file (default: nexus.toml if present).")
+@click.option("-p", "--port", type=int, help="Port to listen on [env NEXUS_PORT; default 8000].")
+@click.option("-H", "--host", help="Address to bind [env NEXUS_HOST; default 127.0.0.1].")
+@click.option("-l", "--log-level", type=click.Choice(["trace", "debug", "info", "warn", "warning", "error"],
+              case_sensitive=False), help="Log level [env NEXUS_LOG_LEVEL; default info].")
+@click.option("--no-discovery", is_flag=True, help="Do not run discovery sources (mDNS, port probing).")
+@click.option("--no-health-check", is_flag=True, help="Do not probe backends; configured models count as healthy.")
+def serve(config_path: str | None, port: int | None, host: str | None, log_level: str | None,
+          no_discovery: bool, no_health_check: bool) -> None:
+    """Run the gateway."""
+    overrides: dict[tuple[str, str], Any] = {
+        ("server", "port"): port,
+        ("server", "host"): host,
+        ("logging", "level"): log_level.lower() if log_level else None,
+        ("discovery", "enabled"): False if no_discovery else None,
+        ("health_check", "enabled"): False if no_health_check else None,
+    }
+    config = _load_config(config_path, overrides)
+    plugin_host = _host()
+    from nexus.app import create_app
+    from nexus.gateway import check_backend_types
+
+    try:
+        check_backend_types(config, plugin_host.backend_types())
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    logs.setup(config.logging)
+    app = create_app(config, plugin_host)
+    try:
+        asyncio.run(_serve(app, config.server.host, config.server.port))
+    except OSError as exc:
+        raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}") from None
+
+
+async def _serve(app: Any, host: str, port: int) -> None:
+    from aiohttp import web
+
+    from nexus.app import NexusRunner
+
+    runner = NexusRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=30)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await web.TCPSite(runner, host, port).start()
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"Nexus {__version__} listening on http://{shown}:{port}/v1", err=True)
+        await stop.wait()
+        click.echo("Shutting down: finishing in-flight requests", err=True)
+    finally:
+        await runner.cleanup()
+
+
+@cli.group()
+def backends() -> None:
+    """Backends of a running Nexus."""
+
+
+@backends.command("list")
+@url_option
+@json_option
+@click.option("-s", "--status", type=click.Choice(["healthy", "unhealthy", "unknown", "draining"]),
+              help="Only backends with this status.")
+def backends_list(url: str, as_json: bool, status: str | None) -> None:
+    """List backends with status, models and latency."""
+    data = _fetch(url, "/v1/backends")
+    if status:
+        data["backends"] = [b for b in data["backends"] if b["status"] == status]
+
+    def render(d: dict[str, Any]) -> str:
+        if not d["backends"]:
+            return "No backends."
+        rows = [[b["name"], b["url"], b["type"], b["status"], b["source"], b["zone"], str(len(b["models"])),
+                 f"{b['avg_latency_ms']:.0f}ms"] for b in d["backends"]]
+        return _table(["NAME", "URL", "TYPE", "STATUS", "SOURCE", "ZONE", "MODELS", "LATENCY"], rows)
+
+    _emit(data, as_json, render)
+
+
+@cli.command()
+@url_option
+@json_option
+def models(url: str, as_json: bool) -> None:
+    """List models with the backends serving them."""
+    listing = _fetch(url, "/v1/models")
+    grouped: dict[str, dict[str, Any]] = {}
+    for entry in listing["data"]:
+        item = grouped.setdefault(entry["id"], {"id": entry["id"], "backends": [], "context_length": None})
+        item["backends"].append(entry["owned_by"])
+        item["context_length"] = entry.get("context_length") or item["context_length"]
+    data = {"models": list(grouped.values())}
+
+    def render(d: dict[str, Any]) -> str:
+        if not d["models"]:
+            return "No models available (no healthy backend lists any)."
+        rows = [[m["id"], ", ".join(m["backends"]), str(m["context_length"] or "?")] for m in d["models"]]
+        return _table(["MODEL", "BACKENDS", "CONTEXT"], rows)
+
+    _emit(data, as_json, render)
+
+
+@cli.command()
+@url_option
+@json_option
+def health(url: str, as_json: bool) -> None:
+    """Show the health of a running Nexus."""
+    data = _fetch(url, "/health")
+
+    def render(d: dict[str, Any]) -> str:
+        b = d["backends"]
+        return "\n".join([
+            f"Status:   {d['status']}",
+            f"Uptime:   {d['uptime_seconds']}s",
+            f"Backends: {b['healthy']}/{b['total']} healthy",
+            f"Models:   {d['models']} available",
+        ])
+
+    _emit(data, as_json, render)
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Create or check a config file."""
+
+
+@config_group.command("init")
+@click.option("-o", "--output", default="nexus.toml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("-f", "--force", is_flag=True, help="Overwrite an existing file.")
+def config_init(output: str, force: bool) -> None:
+    """Write a commented example config."""
+    target = Path(output)
+    if target.exists() and not force:
+        raise CliError(f"file already exists: {target}; use --force to overwrite")
+    example = resources.files("nexus").joinpath("nexus.example.toml").read_text(encoding="utf-8")
+    try:
+        target.write_text(example, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror}") from None
+    click.echo(f"Configuration file created: {target}")
+
+
+@config_group.command("check")
+@click.option("-c", "--config", "config_path", default="nexus.toml", show_default=True,
+              type=click.Path(dir_okay=False))
+def config_check(config_path: str) -> None:
+    """Validate a config file (keys, values, installed backend types)."""
+    try:
+        config = config_mod.build(config_mod.read_file(Path(config_path)), source=config_path)
+        from nexus.gateway import check_backend_types
+
+        check_backend_types(config, _host().backend_types())
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+    click.echo(f"{config_path} is valid: {len(config.backends)} backends, strategy {config.routing.strategy}")
+
+
+@cli.command()
+@json_option
+def plugins(as_json: bool) -> None:
+    """List plugins with version, hooks and load errors."""
+    host = _host()
+    data = [
+        {"name": p.name, "version": p.version, "source": p.source, "hooks": p.hooks, "errors": p.errors}
+        for p in host.plugins.values()
+    ]
+
+    def render(d: list[dict[str, Any]]) -> str:
+        rows = [[p["name"], p["version"], p["source"], ", ".join(p["hooks"]) or "-",
+                 "; ".join(p["errors"]) or "ok"] for p in d]
+        return _table(["NAME", "VERSION", "SOURCE", "HOOKS", "STATUS"], rows)
+
+    _emit(data, as_json, render)
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completions(shell: str) -> None:
+    """Print a shell completion script (e.g. `nexus completions bash >> ~/.bashrc`)."""
+    from click.shell_completion import get_completion_class
+
+    completion_cls = get_completion_class(shell)
+    assert completion_cls is not None
+    click.echo(completion_cls(cli, {}, "nexus", "_NEXUS_COMPLETE").source())
+
+
+def _host() -> PluginHost:
+    """The plugin host made by :func:`main` (or a fresh one when ``cli`` is invoked directly)."""
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+    if not isinstance(root.obj, PluginHost):
+        root.obj = create_host()
+    return root.obj
+
+
+def main() -> None:
+    host = create_host()
+    host.add_commands(cli)
+    cli.main(prog_name="nexus", obj=host)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

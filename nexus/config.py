@@ -1,0 +1,343 @@
+"""Configuration: msgspec structs decoded from TOML, overlaid by ``NEXUS_*`` env and CLI flags.
+
+Precedence, highest first: CLI flag, ``NEXUS_*`` environment variable, file, default.
+Unknown keys are errors (a typo must not silently disable a setting). Every problem is
+raised as one :class:`~nexus.errors.ConfigError` line naming the key, the bad value and
+what is allowed. Plugin settings live under ``[plugins.<name>]`` and are validated by
+the plugin itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from nexus.errors import ConfigError
+
+LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
+Strategy = Literal["smart", "round_robin", "priority_only", "random"]
+ZONES = ("restricted", "open")
+MAX_ALIAS_HOPS = 3
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    request_timeout_seconds: float = 300.0
+    stream_idle_timeout_seconds: float = 120.0
+    max_body_bytes: int = 10 * 1024 * 1024
+
+
+class DiscoveryConfig(_Section):
+    enabled: bool = True
+    service_types: list[str] = msgspec.field(default_factory=lambda: ["_ollama._tcp.local.", "_llm._tcp.local."])
+    grace_period_seconds: float = 60.0
+    interfaces: list[str] | None = None
+
+
+class HealthCheckConfig(_Section):
+    enabled: bool = True
+    interval_seconds: float = 30.0
+    timeout_seconds: float = 5.0
+    failure_threshold: int = 3
+    recovery_threshold: int = 2
+
+
+class WeightsConfig(_Section):
+    priority: int
+    load: int
+    latency: int
+
+
+class RoutingConfig(_Section):
+    strategy: Strategy = "smart"
+    max_retries: int = 2
+    weights: WeightsConfig = msgspec.field(default_factory=lambda: WeightsConfig(priority=50, load=30, latency=20))
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
+    fallbacks: dict[str, list[str]] = msgspec.field(default_factory=dict)
+
+
+class BackendConfig(_Section):
+    name: str
+    url: str
+    type: str
+    priority: int = 50
+    api_key_env: str | None = None
+    zone: str | None = None
+    tier: int = 1
+    models: list[str] = msgspec.field(default_factory=list)
+    embedding_models: list[str] = msgspec.field(default_factory=list)
+
+
+class LoggingConfig(_Section):
+    level: LogLevel = "info"
+    format: Literal["pretty", "json"] = "pretty"
+    component_levels: dict[str, str] = msgspec.field(default_factory=dict)
+    enable_content_logging: bool = False
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    discovery: DiscoveryConfig = msgspec.field(default_factory=DiscoveryConfig)
+    health_check: HealthCheckConfig = msgspec.field(default_factory=HealthCheckConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    backends: list[BackendConfig] = msgspec.field(default_factory=list)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_int(text: str) -> int:
+    return int(text.strip())
+
+
+def _parse_str(text: str) -> str:
+    return text.strip()
+
+
+# env var -> (config path, parser). Values that do not parse are rejected, like file values.
+ENV_VARS: dict[str, tuple[tuple[str, str], Any]] = {
+    "NEXUS_HOST": (("server", "host"), _parse_str),
+    "NEXUS_PORT": (("server", "port"), _parse_int),
+    "NEXUS_LOG_LEVEL": (("logging", "level"), lambda s: s.strip().lower()),
+    "NEXUS_LOG_FORMAT": (("logging", "format"), lambda s: s.strip().lower()),
+    "NEXUS_DISCOVERY": (("discovery", "enabled"), _parse_bool),
+    "NEXUS_HEALTH_CHECK": (("health_check", "enabled"), _parse_bool),
+}
+
+
+def _set(raw: dict[str, Any], path: tuple[str, str], value: Any) -> None:
+    section = raw.setdefault(path[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"config key '{path[0]}' must be a table, got {section!r}")
+    section[path[1]] = value
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[tuple[str, str], Any] | None = None,
+) -> Config:
+    """Load the config: file (if given or ``nexus.toml`` exists), then env, then CLI overrides.
+
+    An explicitly named file that does not exist is an error; the implicit
+    ``nexus.toml`` may be absent (zero-config start).
+    """
+    env = os.environ if env is None else env
+    explicit = path if path is not None else env.get("NEXUS_CONFIG") or None
+    source = Path(explicit) if explicit else Path("nexus.toml")
+    raw: dict[str, Any] = {}
+    if explicit or source.exists():
+        raw = read_file(source)
+    for var, (key, parse) in ENV_VARS.items():
+        if var in env:
+            try:
+                _set(raw, key, parse(env[var]))
+            except ValueError as exc:
+                raise ConfigError(f"environment {var}={env[var]!r} is invalid: {exc}") from None
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set(raw, key, value)
+    return build(raw, source=str(source))
+
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _lookup(raw: Any, dotted: str) -> Any:
+    node = raw
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", dotted):
+        key, index = part
+        try:
+            node = node[key] if key else node[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _struct_at(struct: Any, field_type: Any) -> Any:
+    """The Struct a field holds, directly or as the element of a list."""
+    args = getattr(field_type, "__args__", None)
+    inner = args[0] if args else field_type
+    return inner if isinstance(inner, type) and issubclass(inner, msgspec.Struct) else None
+
+
+def _type_at(raw_path: str) -> Any:
+    """The declared type at a msgspec error path such as ``.backends[0].tier``."""
+    node: Any = Config
+    for key, _ in re.findall(r"\.([^.\[]+)|\[(\d+)\]", raw_path):
+        if not key:
+            continue
+        struct = node if isinstance(node, type) and issubclass(node, msgspec.Struct) else _struct_at(None, node)
+        if struct is None:
+            return None
+        node = {f.name: f.type for f in msgspec.structs.fields(struct)}.get(key)
+    return node
+
+
+def _allowed(raw_path: str) -> str:
+    declared = _type_at(raw_path)
+    struct = _struct_at(None, declared) if declared is not None else None
+    if struct is not None:
+        return ", ".join(f.name for f in msgspec.structs.fields(struct))
+    values = [a for a in getattr(declared, "__args__", ()) if isinstance(a, str)]
+    return ", ".join(repr(v) for v in values)
+
+
+def explain(error: msgspec.ValidationError, raw: dict[str, Any], source: str) -> str:
+    """Turn a msgspec validation error into one line naming key, value and what is allowed."""
+    text = str(error)
+    match = _PATH.search(text)
+    raw_path = match.group("path") if match else ""
+    where = raw_path.lstrip(".") or "(top level)"
+    detail = text[: match.start()] if match else text
+    unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", detail)
+    if unknown:
+        key = f"{where}.{unknown['key']}" if raw_path else unknown["key"]
+        return f"{source}: unknown config key '{key}' (allowed here: {_allowed(raw_path)})"
+    missing = re.match(r"Object missing required field `(?P<key>[^`]+)`", detail)
+    if missing:
+        return f"{source}: missing required key '{where}.{missing['key']}'"
+    value = _lookup(raw, raw_path)
+    if detail.startswith("Invalid enum value"):
+        return f"{source}: {where} = {value!r} is invalid: expected one of {_allowed(raw_path)}"
+    return f"{source}: {where} = {value!r} is invalid: {detail[0].lower() + detail[1:]}"
+
+
+def build(raw: dict[str, Any], *, source: str = "config") -> Config:
+    """Validate a raw TOML mapping into a :class:`Config`, raising one-line ConfigErrors."""
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(explain(exc, raw, source)) from None
+    validate(config, source)
+    return config
+
+
+def _check(ok: bool, source: str, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {key} = {value!r} is invalid: {allowed}")
+
+
+def validate(config: Config, source: str = "config") -> None:
+    """Semantic checks that types alone cannot express."""
+    s = config.server
+    _check(0 < s.port < 65536, source, "server.port", s.port, "expected a port 1-65535")
+    _check(s.request_timeout_seconds > 0, source, "server.request_timeout_seconds", s.request_timeout_seconds, "expected > 0")
+    _check(
+        s.stream_idle_timeout_seconds > 0,
+        source,
+        "server.stream_idle_timeout_seconds",
+        s.stream_idle_timeout_seconds,
+        "expected > 0",
+    )
+    _check(s.max_body_bytes > 0, source, "server.max_body_bytes", s.max_body_bytes, "expected > 0")
+    h = config.health_check
+    _check(h.interval_seconds > 0, source, "health_check.interval_seconds", h.interval_seconds, "expected > 0")
+    _check(h.timeout_seconds > 0, source, "health_check.timeout_seconds", h.timeout_seconds, "expected > 0")
+    _check(h.failure_threshold >= 1, source, "health_check.failure_threshold", h.failure_threshold, "expected >= 1")
+    _check(h.recovery_threshold >= 1, source, "health_check.recovery_threshold", h.recovery_threshold, "expected >= 1")
+    _check(
+        config.discovery.grace_period_seconds >= 0,
+        source,
+        "discovery.grace_period_seconds",
+        config.discovery.grace_period_seconds,
+        "expected >= 0",
+    )
+    r = config.routing
+    _check(r.max_retries >= 0, source, "routing.max_retries", r.max_retries, "expected >= 0")
+    for name in ("priority", "load", "latency"):
+        weight = getattr(r.weights, name)
+        _check(weight >= 0, source, f"routing.weights.{name}", weight, "expected >= 0")
+    _check_aliases(r.aliases, source)
+    levels = LogLevel.__args__
+    for component, level in config.logging.component_levels.items():
+        _check(level in levels, source, f"logging.component_levels.{component}", level, f"expected one of {levels}")
+    names: set[str] = set()
+    for i, backend in enumerate(config.backends):
+        key = f"backends[{i}]"
+        _check(bool(backend.name.strip()), source, f"{key}.name", backend.name, "expected a non-empty name")
+        _check(backend.name not in names, source, f"{key}.name", backend.name, "backend names must be unique")
+        names.add(backend.name)
+        parts = urlsplit(backend.url)
+        _check(
+            parts.scheme in ("http", "https") and bool(parts.hostname),
+            source,
+            f"{key}.url",
+            backend.url,
+            "expected an http:// or https:// URL with a host",
+        )
+        _check(1 <= backend.tier <= 5, source, f"{key}.tier", backend.tier, "expected a tier 1-5")
+        if backend.zone is not None:
+            _check(backend.zone.lower() in ZONES, source, f"{key}.zone", backend.zone, "expected 'restricted' or 'open'")
+
+
+def _check_aliases(aliases: dict[str, str], source: str) -> None:
+    for start in aliases:
+        seen = [start]
+        current = start
+        while current in aliases:
+            current = aliases[current]
+            if current in seen:
+                raise ConfigError(
+                    f"{source}: routing.aliases has a cycle: '{start}' eventually points back to '{current}' "
+                    f"({' -> '.join([*seen, current])})"
+                )
+            seen.append(current)
+
+
+def resolve_alias(aliases: dict[str, str], model: str) -> str:
+    """Follow aliases for at most :data:`MAX_ALIAS_HOPS` hops (upstream §5.5)."""
+    for _ in range(MAX_ALIAS_HOPS):
+        target = aliases.get(model)
+        if target is None:
+            break
+        model = target
+    return model
+
+
+def documented_keys() -> list[str]:
+    """Every config key as ``section.key`` (used by the docs test)."""
+    keys: list[str] = []
+
+    def walk(struct: type[msgspec.Struct], prefix: str) -> None:
+        for field in msgspec.structs.fields(struct):
+            inner = _struct_at(struct, field.type)
+            if inner is not None:
+                walk(inner, f"{prefix}{field.name}.")
+            else:
+                keys.append(f"{prefix}{field.name}")
+
+    walk(Config, "")
+    return keys

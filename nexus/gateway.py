@@ -1,0 +1,151 @@
+"""The gateway: everything a running Nexus holds, built from config and plugins."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from nexus.adapters.base import BackendAdapter
+from nexus.config import BackendConfig, Config
+from nexus.discovery import DiscoverySink
+from nexus.errors import ConfigError
+from nexus.health import HealthChecker
+from nexus.plugins import PluginHost
+from nexus.proxy import Proxy
+from nexus.registry import Backend, Registry, Status
+from nexus.routing.intent import ReconcilerContext
+from nexus.routing.router import Pipeline, Router
+
+log = logging.getLogger("nexus.gateway")
+
+
+def check_backend_types(config: Config, types: Mapping[str, type[BackendAdapter]]) -> None:
+    """Fail start-up clearly when a configured backend type has no installed plugin."""
+    for i, spec in enumerate(config.backends):
+        if spec.type not in types:
+            installed = ", ".join(sorted(types))
+            raise ConfigError(
+                f"backends[{i}].type = {spec.type!r} is not an installed backend type "
+                f"(installed: {installed}); install the plugin nexus-plugin-{spec.type}"
+            )
+
+
+class Gateway:
+    """Registry, router, proxy, health checker and discovery of one Nexus process."""
+
+    def __init__(self, config: Config, host: PluginHost, env: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.host = host
+        self.env = os.environ if env is None else env
+        self.started_at = time.time()
+        self.adapter_types = host.backend_types()
+        check_backend_types(config, self.adapter_types)
+        self.registry = Registry()
+        self.pipeline = Pipeline(host.reconcilers(ReconcilerContext(config=config, registry=self.registry)))
+        self.router = Router(self.registry, self.pipeline, config.routing)
+        self.health = HealthChecker(self.registry, config.health_check)
+        self.session: aiohttp.ClientSession | None = None
+        self.proxy: Proxy | None = None
+        self.sink: DiscoverySink | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle (called from the app's cleanup context) --------------------------------
+
+    async def start(self, *, health_check: bool, discovery: bool) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+        )
+        self.proxy = Proxy(self.session, self.config.server)
+        for spec in self.config.backends:
+            backend = self.build_backend(spec, spec.name, "static")
+            if backend is not None and not health_check and backend.models:
+                backend.set_status(Status.HEALTHY)
+        if health_check:
+            self._spawn(self.health.run(), "health checker")
+        if discovery:
+            self.sink = DiscoverySink(self.registry, self.config, self.build_backend, self._on_discovered)
+            for source_cls in self.host.discovery_sources():
+                self._start_source(source_cls)
+
+    async def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sink is not None:
+            self.sink.close()
+        if self.session is not None:
+            await self.session.close()
+
+    def _spawn(self, coro: object, what: str) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task.add_done_callback(lambda t: self._report_crash(t, what))
+        self._tasks.append(task)
+
+    @staticmethod
+    def _report_crash(task: asyncio.Task[None], what: str) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped: %r", what, task.exception())
+
+    def _start_source(self, source_cls: type) -> None:
+        name = getattr(source_cls, "name", source_cls.__name__)
+        try:
+            source = source_cls(self.config, self.config.plugins.get(name, {}))
+        except Exception as exc:
+            self.host.report(name, f"discovery source failed to start: {exc}")
+            return
+        assert self.sink is not None
+        self._spawn(source.run(self.sink), f"discovery source {name}")
+
+    def _on_discovered(self, backend: Backend) -> None:
+        if self.config.health_check.enabled:
+            self._spawn(self.health.check(backend), f"first check of {backend.id}")
+
+    # -- backends -------------------------------------------------------------------------
+
+    def build_backend(self, spec: BackendConfig, backend_id: str, source: str) -> Backend | None:
+        """Create and register a backend; ``None`` (with a warning) when it must be skipped."""
+        adapter_cls = self.adapter_types.get(spec.type)
+        if adapter_cls is None:
+            log.warning("Skipping backend %s: no installed plugin for type %r", backend_id, spec.type)
+            return None
+        api_key = None
+        if spec.api_key_env:
+            api_key = self.env.get(spec.api_key_env)
+            if not api_key:
+                log.warning("Skipping backend %s: environment variable %s is not set", backend_id, spec.api_key_env)
+                return None
+        assert self.session is not None
+        try:
+            adapter = adapter_cls(
+                spec,
+                self.session,
+                api_key=api_key,
+                probe_timeout=self.config.health_check.timeout_seconds,
+                settings=self.config.plugins.get(spec.type, {}),
+            )
+        except Exception as exc:
+            log.warning("Skipping backend %s: adapter %s failed: %s", backend_id, spec.type, exc)
+            return None
+        backend = Backend(
+            id=backend_id,
+            name=spec.name,
+            url=adapter.base_url,
+            adapter=adapter,
+            zone=(spec.zone or adapter_cls.default_zone()).lower(),
+            tier=spec.tier,
+            priority=spec.priority,
+            source=source,
+        )
+        self.registry.add(backend)
+        if spec.models:
+            self.registry.set_models(backend, [adapter.describe_model(m) for m in spec.models])
+        return backend

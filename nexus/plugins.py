@@ -1,0 +1,151 @@
+"""The plugin host: one pluggy manager per app, entry points loaded one by one.
+
+Nothing else in Nexus calls ``pm.hook.*``: the typed accessors below turn hook results
+into what the app needs, reporting (never raising) what a broken plugin got wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from nexus import hookspecs
+
+if TYPE_CHECKING:
+    import click
+    from aiohttp import web
+
+    from nexus.adapters.base import BackendAdapter
+    from nexus.discovery import DiscoverySource
+    from nexus.routing.intent import Reconciler, ReconcilerContext
+
+ENTRY_POINT_GROUP = "nexus.plugins"
+log = logging.getLogger("nexus.plugins")
+
+
+@dataclass
+class PluginInfo:
+    """One registered plugin, as ``nexus plugins`` shows it."""
+
+    name: str
+    version: str
+    source: str  # "builtin" or the distribution name
+    hooks: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PluginHost:
+    pm: pluggy.PluginManager
+    plugins: dict[str, PluginInfo]
+
+    def report(self, plugin_name: str, message: str) -> None:
+        log.error("plugin %s: %s", plugin_name, message)
+        self.plugins.setdefault(plugin_name, PluginInfo(plugin_name, "?", "?")).errors.append(message)
+
+    def _results(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call a hook implementation by implementation, so one failure skips only its plugin."""
+        results: list[tuple[str, Any]] = []
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            name = self.pm.get_name(impl.plugin) or "?"
+            try:
+                result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            except Exception as exc:  # a broken plugin is reported and skipped
+                self.report(name, f"{hook_name} failed: {type(exc).__name__}: {exc}")
+                continue
+            if result is not None:
+                results.append((name, result))
+        return results
+
+    def backend_types(self) -> dict[str, type[BackendAdapter]]:
+        from nexus.adapters.base import BackendAdapter
+
+        types: dict[str, type[BackendAdapter]] = {}
+        for name, classes in self._results("register_backend_types"):
+            for cls in classes:
+                if not (isinstance(cls, type) and issubclass(cls, BackendAdapter)) or not getattr(cls, "type_name", ""):
+                    self.report(name, f"register_backend_types returned {cls!r}, not a BackendAdapter subclass")
+                elif cls.type_name in types:
+                    self.report(name, f"backend type '{cls.type_name}' is already registered; skipped")
+                else:
+                    types[cls.type_name] = cls
+        return types
+
+    def discovery_sources(self) -> list[type[DiscoverySource]]:
+        return [cls for _, classes in self._results("register_discovery_sources") for cls in classes]
+
+    def reconcilers(self, context: ReconcilerContext) -> list[Reconciler]:
+        built: list[Reconciler] = []
+        for name, items in self._results("register_reconcilers"):
+            for item in items:
+                try:
+                    reconciler = item(context) if isinstance(item, type) else item
+                    if not (isinstance(reconciler.name, str) and isinstance(reconciler.order, int)):
+                        raise TypeError("needs str 'name' and int 'order'")
+                    if not callable(reconciler.reconcile):
+                        raise TypeError("needs a reconcile(intent) method")
+                except Exception as exc:
+                    self.report(name, f"reconciler {item!r} skipped: {exc}")
+                    continue
+                built.append(reconciler)
+        return sorted(built, key=lambda r: (r.order, r.name))
+
+    def add_commands(self, cli: click.Group) -> None:
+        self._results("register_commands", cli=cli)
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [route for _, routes in self._results("register_routes") for route in routes]
+
+
+def _hook_names(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    return sorted(impl.name for impl in pm.get_hookcallers(plugin) or [])
+
+
+def create_host(*, load_entry_points: bool = True, extra: list[tuple[str, object]] | None = None) -> PluginHost:
+    """Build a plugin manager: built-ins first, then each ``nexus.plugins`` entry point.
+
+    Tests pass ``load_entry_points=False`` and their own ``extra`` plugins.
+    """
+    from nexus import __version__, builtins
+
+    pm = pluggy.PluginManager("nexus")
+    pm.add_hookspecs(hookspecs)
+    host = PluginHost(pm, {})
+    pm.register(builtins, name="builtin")
+    host.plugins["builtin"] = PluginInfo("builtin", __version__, "nexus-orchestrator", _hook_names(pm, builtins))
+    candidates: list[tuple[str, object]] = list(extra or [])
+    if load_entry_points:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist else "?"
+            version = ep.dist.version if ep.dist else "?"
+            try:
+                module: ModuleType | object = ep.load()
+            except Exception as exc:  # broken plugin: logged, listed, skipped
+                host.plugins[ep.name] = PluginInfo(ep.name, version, dist)
+                host.report(ep.name, f"failed to load {ep.value} from {dist} {version}: {type(exc).__name__}: {exc}")
+                continue
+            candidates.append((ep.name, module))
+            host.plugins[ep.name] = PluginInfo(ep.name, version, dist)
+    for name, plugin in candidates:
+        info = host.plugins.setdefault(name, PluginInfo(name, getattr(plugin, "__version__", "?"), "in-process"))
+        try:
+            pm.register(plugin, name=name)
+        except Exception as exc:
+            host.report(name, f"failed to register: {exc}")
+            continue
+        info.hooks = _hook_names(pm, plugin)
+    while True:
+        try:
+            pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            # A misspelt hook fails loudly (log and listing); only that plugin is dropped.
+            name = pm.get_name(exc.plugin) or "?"
+            pm.unregister(exc.plugin)
+            host.report(name, f"implements an unknown hook: {exc}")
+            continue
+        return host

@@ -1,0 +1,299 @@
+"""The forwarding engine: attempts in plan order, byte-exact bodies, event-by-event streams.
+
+Rules (CONTRACT §3 "Streaming" and §10 "Retryable failures"):
+
+* connection errors, timeouts, 429 and 5xx move to the next attempt; other 4xx are the
+  client's and are returned as they are;
+* a stream's headers are sent only once the backend produced its first body byte;
+  before that a failure is retried like a non-streaming one;
+* after the first byte, a failure ends the stream with one ``data: {"error": ...}``
+  event and no ``data: [DONE]``;
+* a client that goes away closes the upstream request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+
+from nexus.body import rewrite_model
+from nexus.config import ServerConfig
+from nexus.errors import BadGateway, GatewayTimeout, NexusError
+from nexus.logs import request_id_var
+from nexus.routing.router import Attempt, RoutePlan
+
+log = logging.getLogger("nexus.proxy")
+_encode = msgspec.json.Encoder().encode
+_SSE = "text/event-stream"
+_STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+class _ErrorBody(msgspec.Struct):
+    error: dict[str, Any]
+
+
+_decode_error_body = msgspec.json.Decoder(_ErrorBody).decode
+_validate_json = msgspec.json.Decoder().decode
+
+
+class _Failed(Exception):
+    """An attempt failed in a way the next candidate may fix."""
+
+    def __init__(self, error: NexusError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _error_event(message: str, code: str) -> bytes:
+    payload = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+    return b"data: " + _encode(payload) + b"\n\n"
+
+
+def _events_end(buffer: bytes) -> int:
+    """Index just past the last complete SSE event in ``buffer`` (0 if none)."""
+    lf = buffer.rfind(b"\n\n")
+    crlf = buffer.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class Proxy:
+    """Sends requests to backends over one shared ``ClientSession``."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: ServerConfig) -> None:
+        self.session = session
+        self.first_byte_timeout = config.request_timeout_seconds
+        self.unary_timeout = aiohttp.ClientTimeout(total=config.request_timeout_seconds)
+        self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_read=config.stream_idle_timeout_seconds)
+        self.shutting_down = False
+        self._open_streams: set[aiohttp.ClientResponse] = set()
+
+    def shutdown(self) -> None:
+        """Cut every open upstream stream: each ends with an error event, never ``[DONE]``."""
+        self.shutting_down = True
+        for resp in list(self._open_streams):
+            resp.close()
+
+    async def forward(
+        self,
+        request: web.Request,
+        endpoint: str,
+        body: bytes,
+        plan: RoutePlan,
+        *,
+        stream: bool,
+    ) -> web.StreamResponse:
+        """Try each attempt of ``plan`` until one answers; raise the last failure otherwise."""
+        client_auth = request.headers.get("Authorization")
+        body_model = plan.first.requested_model
+        bodies: dict[str, bytes] = {}
+        failures = 0
+        last: NexusError | None = None
+        started = time.monotonic()
+        for attempt in plan:
+            backend = attempt.candidate.backend
+            adapter = backend.adapter
+            out = body
+            if attempt.model != body_model:
+                out = bodies.get(attempt.model) or bodies.setdefault(attempt.model, rewrite_model(body, attempt.model))
+            if adapter.translates:
+                out = adapter.prepare_body(endpoint, out)
+            url = adapter.upstream_url(endpoint)
+            headers = adapter.upstream_headers(client_auth)
+            headers["X-Request-Id"] = request_id_var.get() or ""
+            backend.pending += 1
+            backend.total_requests += 1
+            try:
+                if stream:
+                    response = await self._stream(request, endpoint, attempt, url, out, headers, failures)
+                else:
+                    response = await self._unary(endpoint, attempt, url, out, headers, failures)
+            except _Failed as failed:
+                failures += 1
+                last = failed.error
+                log.warning("Backend request failed: %s (%s)", backend.id, failed.error.message,
+                            extra={"backend": backend.id, "attempt": failures})
+                continue
+            except asyncio.CancelledError:
+                log.info("Request cancelled by the client", extra={"backend": backend.id})
+                raise
+            finally:
+                backend.pending -= 1
+            log.info(
+                "%s %s served by %s", endpoint, attempt.model, backend.id,
+                extra={"status": response.status, "stream": stream, "retries": failures,
+                       "route_reason": attempt.intent.route_reason,
+                       "latency_ms": round((time.monotonic() - started) * 1000, 1)},
+            )
+            return response
+        assert last is not None  # a plan always holds at least one attempt
+        log.error("All attempts failed (%d): %s", failures, last.message)
+        raise last
+
+    # -- one attempt ---------------------------------------------------------------------
+
+    async def _send(self, url: str, body: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout
+                    ) -> aiohttp.ClientResponse:
+        """POST, retrying once when a pooled connection turns out dead before any response byte.
+
+        Some servers (llama.cpp) close a keep-alive connection after a stream; aiohttp may
+        reuse it before noticing. That failure is invisible to the client.
+        """
+        try:
+            return await self.session.post(url, data=body, headers=headers, timeout=timeout)
+        except _STALE_CONNECTION as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                raise
+            log.debug("Stale pooled connection to %s (%s); retrying on a fresh one", url, exc)
+            return await self.session.post(url, data=body, headers=headers, timeout=timeout)
+
+    async def _open(self, url: str, body: bytes, headers: dict[str, str], timeout: aiohttp.ClientTimeout,
+                    ) -> aiohttp.ClientResponse:
+        """Send and classify transport failures as retryable."""
+        try:
+            return await self._send(url, body, headers, timeout)
+        except asyncio.TimeoutError:
+            raise _Failed(GatewayTimeout("Backend request timed out")) from None
+        except aiohttp.ClientError as exc:
+            raise _Failed(BadGateway(f"Network error: {exc}")) from None
+
+    def _error_response(self, resp: aiohttp.ClientResponse, data: bytes) -> web.Response:
+        """A non-2xx answer: retryable (429, 5xx) or the client's own 4xx, passed through."""
+        status = resp.status
+        if status == 429 or status >= 500:
+            raise _Failed(BadGateway(f"Backend returned {status}: {data[:500].decode(errors='replace')}"))
+        try:
+            _decode_error_body(data)
+        except msgspec.DecodeError:
+            raise NexusError(
+                f"Backend returned {status}: {data[:500].decode(errors='replace')}",
+                status=status,
+                code="backend_error",
+            ) from None
+        return web.Response(body=data, status=status, content_type="application/json")
+
+    async def _unary(self, endpoint: str, attempt: Attempt, url: str, body: bytes, headers: dict[str, str],
+                     failures: int) -> web.Response:
+        resp = await self._open(url, body, headers, self.unary_timeout)
+        try:
+            data = await resp.read()
+        except asyncio.TimeoutError:
+            raise _Failed(GatewayTimeout("Backend request timed out")) from None
+        except aiohttp.ClientError as exc:
+            raise _Failed(BadGateway(f"Network error while reading the response: {exc}")) from None
+        finally:
+            resp.release()
+        return self._complete(endpoint, attempt, resp, data, failures)
+
+    def _complete(self, endpoint: str, attempt: Attempt, resp: aiohttp.ClientResponse, data: bytes,
+                  failures: int) -> web.Response:
+        if resp.status >= 300:
+            return self._error_response(resp, data)
+        try:
+            _validate_json(data)
+        except msgspec.DecodeError as exc:
+            raise _Failed(BadGateway(f"Invalid backend response: {exc}")) from None
+        adapter = attempt.candidate.backend.adapter
+        if adapter.translates:
+            data = adapter.translate_response(endpoint, data)
+        headers = nexus_headers(attempt, failures)
+        headers["Content-Type"] = resp.headers.get("Content-Type", "application/json")
+        return web.Response(body=data, status=resp.status, headers=headers)
+
+    async def _stream(self, request: web.Request, endpoint: str, attempt: Attempt, url: str, body: bytes,
+                      headers: dict[str, str], failures: int) -> web.StreamResponse:
+        resp: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self.first_byte_timeout):
+                resp = await self._open(url, body, headers, self.stream_timeout)
+                if resp.status >= 300 or not resp.headers.get("Content-Type", "").startswith(_SSE):
+                    data = await resp.read()  # an error, or a backend that ignored stream=true
+                    resp.release()
+                    return self._complete(endpoint, attempt, resp, data, failures)
+                first = await resp.content.readany()
+        except asyncio.TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise _Failed(GatewayTimeout("Backend sent no data before the request timeout")) from None
+        except aiohttp.ClientError as exc:
+            if resp is not None:
+                resp.close()
+            raise _Failed(BadGateway(f"Network error before the stream started: {exc}")) from None
+        if not first:
+            resp.close()
+            raise _Failed(BadGateway("Backend closed the stream before sending any event"))
+        return await self._relay(request, endpoint, attempt, resp, first, failures)
+
+    async def _relay(self, request: web.Request, endpoint: str, attempt: Attempt, resp: aiohttp.ClientResponse,
+                     buffer: bytes, failures: int) -> web.StreamResponse:
+        headers = nexus_headers(attempt, failures)
+        headers["Content-Type"] = resp.headers["Content-Type"]
+        headers["Cache-Control"] = "no-cache"
+        response = web.StreamResponse(status=resp.status, headers=headers)
+        adapter = attempt.candidate.backend.adapter
+        translate = adapter.translate_event if adapter.translates else None
+        done = False
+        ended_with_error = False
+        failure: str | None = None
+        self._open_streams.add(resp)
+        try:
+            await response.prepare(request)
+            while True:
+                cut = _events_end(buffer)
+                if cut:
+                    chunk, buffer = buffer[:cut], buffer[cut:]
+                    if translate is not None:
+                        chunk = translate(endpoint, chunk)
+                    done = done or b"[DONE]" in chunk
+                    ended_with_error = chunk.startswith(b'data: {"error"')
+                    await response.write(chunk)
+                try:
+                    data = await resp.content.readany()
+                except asyncio.TimeoutError:
+                    failure = "Backend stream stalled: no event within the idle timeout"
+                    break
+                except aiohttp.ClientError as exc:
+                    failure = f"Backend stream broke: {exc}"
+                    break
+                if not data:
+                    break
+                buffer += data
+            if buffer:  # a last event without its blank line
+                done = done or b"[DONE]" in buffer
+                await response.write(buffer)
+            if self.shutting_down and not done:
+                failure = "Nexus is shutting down; the stream was cut"
+            if not done and not ended_with_error:
+                message = failure or "Backend closed the stream before it was complete"
+                log.warning("Stream cut: %s", message, extra={"backend": attempt.candidate.backend.id})
+                await response.write(_error_event(message, "stream_interrupted"))
+            await response.write_eof()
+        except ConnectionResetError:
+            log.info("Client disconnected during the stream", extra={"backend": attempt.candidate.backend.id})
+        finally:
+            self._open_streams.discard(resp)
+            resp.close()
+        return response
+
+
+def nexus_headers(attempt: Attempt, failures: int) -> dict[str, str]:
+    backend = attempt.candidate.backend
+    reason = "failover" if failures or attempt.fallback else attempt.intent.annotations.get(
+        "route_reason", "capability-match")
+    headers = {
+        "X-Nexus-Backend": backend.id,
+        "X-Nexus-Backend-Type": "cloud" if backend.cloud else "local",
+        "X-Nexus-Route-Reason": reason,
+        "X-Nexus-Privacy-Zone": backend.zone,
+        "X-Request-Id": request_id_var.get() or "",
+    }
+    if attempt.fallback:
+        headers["X-Nexus-Fallback-Model"] = attempt.model
+    if failures:
+        headers["X-Nexus-Retries"] = str(failures)
+    return headers

@@ -1,0 +1,1 @@
+"""Routing: the intent, the reconciler pipeline and the router."""

@@ -1,0 +1,167 @@
+"""The router: aliases, the reconciler pipeline, fallbacks, and the order of attempts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import msgspec
+
+from nexus.config import RoutingConfig, resolve_alias
+from nexus.errors import InvalidRequest, ModelNotFound, NexusError, ServiceUnavailable
+from nexus.registry import Registry
+from nexus.routing.analysis import missing_capabilities
+from nexus.routing.intent import Candidate, Reconciler, Requirements, RoutingIntent
+
+log = logging.getLogger("nexus.routing")
+_encode = msgspec.json.Encoder().encode
+
+
+class Pipeline:
+    """Reconcilers run in declared ``order`` (ties by name), each timed."""
+
+    def __init__(self, reconcilers: list[Reconciler]) -> None:
+        self.reconcilers = sorted(reconcilers, key=lambda r: (r.order, r.name))
+        self.stage_seconds: dict[str, float] = {r.name: 0.0 for r in self.reconcilers}
+
+    def run(self, intent: RoutingIntent) -> None:
+        clock = time.perf_counter
+        for reconciler in self.reconcilers:
+            intent._stage = reconciler.name
+            started = clock()
+            reconciler.reconcile(intent)
+            self.stage_seconds[reconciler.name] += clock() - started
+            if not intent.candidates:
+                break
+        intent._stage = ""
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One backend to try, in order."""
+
+    candidate: Candidate
+    model: str
+    intent: RoutingIntent
+    fallback: bool
+
+
+class RoutePlan:
+    """The attempts for one request: the primary's ranked candidates (at most
+    ``max_retries + 1``), then each fallback model's, evaluated only when reached."""
+
+    def __init__(self, router: Router, first: RoutingIntent, rest: list[str], fallback: bool) -> None:
+        self._router = router
+        self.first = first
+        self._rest = rest
+        self._first_is_fallback = fallback
+
+    def __iter__(self) -> Iterator[Attempt]:
+        limit = self._router.config.max_retries + 1
+        intent: RoutingIntent | None = self.first
+        fallback = self._first_is_fallback
+        rest = list(self._rest)
+        while intent is not None:
+            for candidate in intent.ranked[:limit]:
+                yield Attempt(candidate, intent.model, intent, fallback)
+            intent = None
+            while rest and intent is None:
+                next_intent = self._router.evaluate(self.first, rest.pop(0))
+                if next_intent.ranked:
+                    intent, fallback = next_intent, True
+
+
+class Router:
+    def __init__(self, registry: Registry, pipeline: Pipeline, config: RoutingConfig) -> None:
+        self.registry = registry
+        self.pipeline = pipeline
+        self.config = config
+
+    def evaluate(self, template: RoutingIntent, model: str) -> RoutingIntent:
+        """Run the pipeline for ``model`` with the request of ``template``."""
+        intent = RoutingIntent(
+            request_id=template.request_id,
+            requested_model=template.requested_model,
+            model=model,
+            requirements=template.requirements,
+            candidates=[Candidate(b, b.models[model]) for b in self.registry.backends_for(model)],
+            headers=template.headers,
+        )
+        if intent.candidates:
+            self.pipeline.run(intent)
+        return intent
+
+    def plan(
+        self,
+        requested: str,
+        requirements: Requirements,
+        *,
+        request_id: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> RoutePlan:
+        """Route a request, or raise the error that explains why it cannot be routed."""
+        model = resolve_alias(self.config.aliases, requested)
+        template = RoutingIntent(
+            request_id=request_id,
+            requested_model=requested,
+            model=model,
+            requirements=requirements,
+            candidates=[],
+            headers=headers,
+        )
+        chain = [model, *self.config.fallbacks.get(model, [])]
+        tried: list[RoutingIntent] = []
+        for i, candidate_model in enumerate(chain):
+            intent = self.evaluate(template, candidate_model)
+            if intent.ranked:
+                if i:
+                    log.warning("Using fallback model %s for %s", candidate_model, requested)
+                return RoutePlan(self, intent, chain[i + 1 :], fallback=i > 0)
+            tried.append(intent)
+        raise self._no_route(requested, tried)
+
+    def _no_route(self, requested: str, tried: list[RoutingIntent]) -> NexusError:
+        primary = tried[0]
+        if len(tried) == 1 and not self.registry.backends_for(primary.model):
+            available = ", ".join(self.registry.model_ids()) or "No models available"
+            return ModelNotFound(f"Model '{requested}' not found. Available: {available}", param="model")
+        exclusions = [e for intent in tried for e in intent.exclusions]
+        if len(tried) == 1 and exclusions and all(e.kind == "capability" for e in exclusions):
+            return self._capability_error(requested, primary)
+        context: dict[str, object] = {
+            "available_backends": sorted(b.id for b in self.registry.all() if b.healthy),
+        }
+        if len(tried) > 1:
+            context["models_tried"] = [intent.model for intent in tried]
+            message = f"No backend could serve '{requested}' or any of its fallbacks: {context['models_tried']}"
+        else:
+            message = f"No healthy backend available for model '{requested}'"
+        details = [
+            {"backend": e.backend, "reconciler": e.reconciler, "reason": e.reason, "suggested_action": e.suggested_action}
+            for e in exclusions
+        ]
+        headers = {}
+        if details:
+            stages = sorted({e.reconciler for e in exclusions})
+            headers = {
+                "X-Nexus-Rejection-Reasons": f"{len(details)} backends rejected by {', '.join(stages)}",
+                "X-Nexus-Rejection-Details": _encode(details).decode(),
+            }
+        log.warning("Routing failure for %s: %s", requested, message)
+        return ServiceUnavailable(message, context=context, headers=headers)
+
+    def _capability_error(self, requested: str, intent: RoutingIntent) -> NexusError:
+        req = intent.requirements
+        missing = sorted(
+            {word for b in self.registry.backends_for(intent.model) for word in missing_capabilities(req, b.models[intent.model])}
+        )
+        if missing == ["context_length"]:
+            return InvalidRequest(
+                f"This request (about {req.estimated_tokens} tokens) exceeds the context length "
+                f"of every backend serving '{requested}'.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return InvalidRequest(f"Model '{requested}' lacks required capabilities: {missing}", param="model")

@@ -1,0 +1,78 @@
+"""Scheduling (order 900): drop what cannot serve now, rank the rest by the strategy."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+
+from nexus.config import WeightsConfig
+from nexus.routing.intent import Candidate, ReconcilerContext, RoutingIntent
+
+
+def smart_score(candidate: Candidate, weights: WeightsConfig) -> int:
+    """Upstream §5.4: integer score over priority (lower is better), load and latency."""
+    backend = candidate.backend
+    priority_score = 100 - min(max(backend.priority, 0), 100)
+    load_score = 100 - min(backend.pending, 100)
+    latency_score = 100 - min(int(backend.avg_latency_ms) // 10, 100)
+    return (
+        priority_score * weights.priority + load_score * weights.load + latency_score * weights.latency
+    ) // 100
+
+
+class Scheduling:
+    """Excludes non-healthy candidates, then orders the survivors best first.
+
+    Strategies: ``smart`` (score, ties by name), ``priority_only`` (priority, then
+    name), ``round_robin`` (rotation by one global counter), ``random``.
+    """
+
+    name = "scheduling"
+    order = 900
+
+    def __init__(self, context: ReconcilerContext) -> None:
+        routing = context.config.routing
+        self.weights = routing.weights
+        self._counter = itertools.count()
+        self._rank: Callable[[list[Candidate]], tuple[list[Candidate], str]] = {
+            "smart": self._smart,
+            "priority_only": self._priority,
+            "round_robin": self._round_robin,
+            "random": self._random,
+        }[routing.strategy]
+
+    def reconcile(self, intent: RoutingIntent) -> None:
+        for candidate in intent.candidates:
+            if not candidate.backend.healthy:
+                intent.exclude(
+                    candidate.id,
+                    f"Backend unhealthy: {candidate.status}",
+                    "Wait for the backend to recover or check its logs",
+                    kind="unavailable",
+                )
+        survivors = intent.candidates
+        if not survivors:
+            return
+        if len(survivors) == 1:
+            intent.ranked = list(survivors)
+            intent.route_reason = "only_healthy_backend"
+            return
+        intent.ranked, intent.route_reason = self._rank(survivors)
+
+    def _smart(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
+        scored = sorted(((smart_score(c, self.weights), c) for c in candidates), key=lambda sc: (-sc[0], sc[1].name))
+        best_score, best = scored[0]
+        return [c for _, c in scored], f"highest_score:{best.name}:{best_score}"
+
+    def _priority(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
+        ranked = sorted(candidates, key=lambda c: (c.priority, c.name))
+        return ranked, f"priority:{ranked[0].name}:{ranked[0].priority}"
+
+    def _round_robin(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
+        index = next(self._counter) % len(candidates)
+        return candidates[index:] + candidates[:index], f"round_robin:index_{index}"
+
+    def _random(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
+        ranked = random.sample(candidates, len(candidates))
+        return ranked, f"random:{ranked[0].name}"
