@@ -1,0 +1,92 @@
+"""Shared fixtures: fake backends and an in-process Nexus on random ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from nexus import config as config_mod
+from nexus.api import GATEWAY
+from nexus.app import NexusRunner, create_app
+from nexus.gateway import Gateway
+from nexus.plugins import create_host
+from tests.fakes import FakeBackend
+
+
+@dataclass
+class RunningNexus:
+    url: str
+    app: web.Application
+    runner: NexusRunner
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    async def check_health(self) -> None:
+        await self.gateway.health.check_all()
+
+
+BackendFactory = Callable[..., Awaitable[FakeBackend]]
+NexusFactory = Callable[..., Awaitable[RunningNexus]]
+
+
+@pytest.fixture
+async def fake_backend() -> AsyncIterator[BackendFactory]:
+    started: list[FakeBackend] = []
+
+    async def make(**kwargs: Any) -> FakeBackend:
+        backend = await FakeBackend(**kwargs).start()
+        started.append(backend)
+        return backend
+
+    yield make
+    for backend in started:
+        await backend.stop()
+
+
+def backend_entry(backend: FakeBackend, **extra: Any) -> dict[str, Any]:
+    return {"name": backend.name, "url": backend.url, "type": "generic", **extra}
+
+
+@pytest.fixture
+async def nexus() -> AsyncIterator[NexusFactory]:
+    """Start Nexus in-process. Health is checked once before returning (no loop runs),
+    so backends are settled deterministically; call ``check_health()`` for more cycles."""
+    runners: list[NexusRunner] = []
+
+    async def make(raw: dict[str, Any] | None = None, *, extra_plugins: list[tuple[str, object]] | None = None,
+                   check: bool = True) -> RunningNexus:
+        raw = dict(raw or {})
+        raw.setdefault("health_check", {}).setdefault("failure_threshold", 1)
+        config = config_mod.build(raw, source="test")
+        host = create_host(load_entry_points=False, extra=extra_plugins)
+        app = create_app(config, host, health_check=False, discovery=False)
+        runner = NexusRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        running = RunningNexus(f"http://127.0.0.1:{port}", app, runner)
+        if check:
+            await running.check_health()
+        return running
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "Hi"}]}
