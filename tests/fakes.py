@@ -80,7 +80,7 @@ class FakeBackend:
     def __post_init__(self) -> None:
         self.release = asyncio.Event()
         self.client_gone = asyncio.Event()
-        self.stream_started = asyncio.Event()
+        self.got_request = asyncio.Event()
         self._runner: web.AppRunner | None = None
 
     @property
@@ -127,7 +127,11 @@ class FakeBackend:
         if mode == "garbage":
             return web.Response(body=b"<html>not json", content_type="application/json")
         if mode == "hang":
-            await asyncio.Event().wait()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:  # the gateway closed the connection
+                self.client_gone.set()
+                raise
         if mode == "reset":
             assert request.transport is not None
             request.transport.abort()
@@ -137,6 +141,7 @@ class FakeBackend:
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(Received("POST", request.path, CIMultiDict(request.headers), body))
+        self.got_request.set()
         misbehaved = await self._misbehave(request)
         if misbehaved is not None:
             return misbehaved
@@ -152,7 +157,6 @@ class FakeBackend:
     async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Connection": "keep-alive"})
         await response.prepare(request)
-        self.stream_started.set()
         try:
             for i, text in enumerate(self.stream_chunks):
                 await response.write(chunk(text, model))
