@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
+from nexus.adapters.base import normalise_base_url
 from nexus.config import BackendConfig, Config
 from nexus.registry import Backend, Registry, Status
 
@@ -78,7 +79,7 @@ class DiscoverySink:
         known = self._ids.get(endpoint.key)
         if known is not None and self.registry.get(known) is not None:
             return self.registry.get(known)
-        if self.registry.find_by_url(endpoint.url) is not None:
+        if self.registry.find_by_url(normalise_base_url(endpoint.url)) is not None:
             return None  # static config (or another source) already has it
         backend_id = readable_id(endpoint.name, lambda i: self.registry.get(i) is not None)
         spec = BackendConfig(
