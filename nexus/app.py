@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import itertools
 import re
-import uuid
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
@@ -26,6 +27,13 @@ from nexus.plugins import PluginHost
 
 log = logging.getLogger("nexus.app")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_ID_PREFIX = secrets.token_hex(8)  # random per process, so ids from several gateways never collide
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A unique request id: 16 random hex digits per process, then a counter (cheaper than uuid4)."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -55,7 +63,7 @@ def error_response(error: NexusError) -> web.Response:
 async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Binds the request id, and is the one place errors become the OpenAI envelope."""
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = incoming if incoming and _VALID_REQUEST_ID.match(incoming) else new_request_id()
     token = request_id_var.set(request_id)
     try:
         try:

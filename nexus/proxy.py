@@ -38,8 +38,19 @@ class _ErrorBody(msgspec.Struct):
     error: dict[str, Any]
 
 
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _ResponsePeek(msgspec.Struct):
+    """Decoding into this validates the whole JSON body while building almost nothing."""
+
+    usage: _Usage | None = None
+
+
 _decode_error_body = msgspec.json.Decoder(_ErrorBody).decode
-_validate_json = msgspec.json.Decoder().decode
+_validate_json = msgspec.json.Decoder(_ResponsePeek).decode
 
 
 class _Failed(Exception):
@@ -196,6 +207,8 @@ class Proxy:
             return self._error_response(resp, data)
         try:
             _validate_json(data)
+        except msgspec.ValidationError:
+            pass  # valid JSON of an unexpected shape: the client's SDK will judge it
         except msgspec.DecodeError as exc:
             raise _Failed(BadGateway(f"Invalid backend response: {exc}")) from None
         adapter = attempt.candidate.backend.adapter

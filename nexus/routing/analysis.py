@@ -107,7 +107,12 @@ def analyse_embedding(body: bytes) -> tuple[str, Requirements]:
 
 def missing_capabilities(req: Requirements, model: ModelInfo) -> list[str]:
     """The capabilities ``req`` needs that ``model`` lacks (empty when it can serve)."""
-    missing: list[str] = []
+    if model.context_length is not None and req.estimated_tokens > model.context_length:
+        missing = ["context_length"]
+    elif req.vision or req.tools or req.json_mode or req.embeddings:
+        missing = []
+    else:
+        return []  # the common case: plain text within the context
     if req.vision and not model.vision:
         missing.append("vision")
     if req.tools and not model.tools:
@@ -116,8 +121,6 @@ def missing_capabilities(req: Requirements, model: ModelInfo) -> list[str]:
         missing.append("json_mode")
     if req.embeddings and not model.embeddings:
         missing.append("embeddings")
-    if model.context_length is not None and req.estimated_tokens > model.context_length:
-        missing.append("context_length")
     return missing
 
 
@@ -136,9 +139,7 @@ class RequestAnalysis:
 
     def reconcile(self, intent: RoutingIntent) -> None:
         req = intent.requirements
-        if not (req.vision or req.tools or req.json_mode or req.embeddings or req.estimated_tokens):
-            return
-        for candidate in list(intent.candidates):
+        for candidate in intent.candidates[:]:
             missing = missing_capabilities(req, candidate.model)
             if missing:
                 intent.exclude(

@@ -13,12 +13,13 @@ from nexus.routing.intent import Candidate, ReconcilerContext, RoutingIntent
 def smart_score(candidate: Candidate, weights: WeightsConfig) -> int:
     """Upstream §5.4: integer score over priority (lower is better), load and latency."""
     backend = candidate.backend
-    priority_score = 100 - min(max(backend.priority, 0), 100)
-    load_score = 100 - min(backend.pending, 100)
-    latency_score = 100 - min(int(backend.avg_latency_ms) // 10, 100)
-    return (
-        priority_score * weights.priority + load_score * weights.load + latency_score * weights.latency
-    ) // 100
+    priority = backend.priority
+    priority = 0 if priority < 0 else 100 if priority > 100 else priority  # clamped, lower is better
+    load = backend.pending if backend.pending < 100 else 100
+    latency = int(backend.avg_latency_ms) // 10
+    latency = latency if latency < 100 else 100
+    return ((100 - priority) * weights.priority + (100 - load) * weights.load
+            + (100 - latency) * weights.latency) // 100
 
 
 class Scheduling:
@@ -61,9 +62,10 @@ class Scheduling:
         intent.ranked, intent.route_reason = self._rank(survivors)
 
     def _smart(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
-        scored = sorted(((smart_score(c, self.weights), c) for c in candidates), key=lambda sc: (-sc[0], sc[1].name))
-        best_score, best = scored[0]
-        return [c for _, c in scored], f"highest_score:{best.name}:{best_score}"
+        weights = self.weights
+        scored = sorted([(-smart_score(c, weights), c.backend.name, c) for c in candidates])  # names are unique
+        best_score, best_name, _ = scored[0]
+        return [c for _, _, c in scored], f"highest_score:{best_name}:{-best_score}"
 
     def _priority(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
         ranked = sorted(candidates, key=lambda c: (c.priority, c.name))
