@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable
 
@@ -14,6 +16,7 @@ from nexus.logs import request_id_var
 from nexus.routing.analysis import analyse_chat, analyse_completion, analyse_embedding
 from nexus.routing.intent import Requirements
 
+log = logging.getLogger("nexus.api")
 GATEWAY = web.AppKey("gateway", Gateway)
 _encode = msgspec.json.Encoder().encode
 Analyse = Callable[[bytes], tuple[str, Requirements]]
@@ -36,11 +39,26 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return await request.read()
 
 
+def prompt_preview(body: bytes, limit: int = 100) -> str:
+    """The first message's text (or the prompt/input), cut to ``limit`` characters (upstream §9.2)."""
+    payload = json.loads(body)
+    if "messages" in payload:
+        content = (payload["messages"] or [{}])[0].get("content") or ""
+        if isinstance(content, list):
+            content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("text"))
+    else:
+        content = payload.get("prompt", payload.get("input", ""))
+    text = content if isinstance(content, str) else json.dumps(content)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]:
     async def handler(request: web.Request) -> web.StreamResponse:
         gateway = request.app[GATEWAY]
         body = await read_body(request, gateway.config.server.max_body_bytes)
         model, requirements = analyse(body)
+        if gateway.config.logging.enable_content_logging:
+            log.info("Prompt preview: %s", prompt_preview(body))
         plan = gateway.router.plan(
             model, requirements, request_id=request_id_var.get() or "", headers=request.headers
         )

@@ -91,13 +91,10 @@ def serve(config_path: str | None, port: int | None, host: str | None, log_level
     config = _load_config(config_path, overrides)
     plugin_host = _host()
     from nexus.app import create_app
-    from nexus.gateway import check_backend_types
 
-    try:
-        check_backend_types(config, plugin_host.backend_types())
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
+    _check_backend_types(config, plugin_host)
     logs.setup(config.logging)
+    plugin_host.flush_log()  # broken plugins are logged now, formatted, and never before a config error
     app = create_app(config, plugin_host)
     try:
         asyncio.run(_serve(app, config.server.host, config.server.port))
@@ -221,11 +218,9 @@ def config_check(config_path: str) -> None:
     """Validate a config file (keys, values, installed backend types)."""
     try:
         config = config_mod.build(config_mod.read_file(Path(config_path)), source=config_path)
-        from nexus.gateway import check_backend_types
-
-        check_backend_types(config, _host().backend_types())
     except ConfigError as exc:
         raise CliError(str(exc)) from None
+    _check_backend_types(config, _host())
     click.echo(f"{config_path} is valid: {len(config.backends)} backends, strategy {config.routing.strategy}")
 
 
@@ -258,6 +253,22 @@ def completions(shell: str) -> None:
     click.echo(completion_cls(cli, {}, "nexus", "_NEXUS_COMPLETE").source())
 
 
+def _check_backend_types(config: config_mod.Config, host: PluginHost) -> None:
+    """Every configured backend type is installed; an installed but broken plugin says so."""
+    from nexus.gateway import check_backend_types
+
+    types = host.backend_types()
+    for i, spec in enumerate(config.backends):
+        plugin = host.plugins.get(spec.type)
+        if spec.type not in types and plugin is not None and plugin.errors:
+            raise CliError(f"backends[{i}].type = {spec.type!r}: plugin {spec.type} ({plugin.source} {plugin.version}) "
+                           f"is installed but broken: {plugin.errors[0]}")
+    try:
+        check_backend_types(config, types)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _host() -> PluginHost:
     """The plugin host made by :func:`main` (or a fresh one when ``cli`` is invoked directly)."""
     ctx = click.get_current_context()
@@ -268,7 +279,7 @@ def _host() -> PluginHost:
 
 
 def main() -> None:
-    host = create_host()
+    host = create_host(defer_log=True)
     host.add_commands(cli)
     cli.main(prog_name="nexus", obj=host)
 

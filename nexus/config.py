@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -106,7 +107,10 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_int(text: str) -> int:
-    return int(text.strip())
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("expected an integer") from None
 
 
 def _parse_str(text: str) -> str:
@@ -124,10 +128,10 @@ ENV_VARS: dict[str, tuple[tuple[str, str], Any]] = {
 }
 
 
-def _set(raw: dict[str, Any], path: tuple[str, str], value: Any) -> None:
+def _set(raw: dict[str, Any], path: tuple[str, str], value: Any, source: str) -> None:
     section = raw.setdefault(path[0], {})
     if not isinstance(section, dict):
-        raise ConfigError(f"config key '{path[0]}' must be a table, got {section!r}")
+        raise ConfigError(f"{source}: {path[0]} = {section!r} is invalid: expected a table")
     section[path[1]] = value
 
 
@@ -146,7 +150,7 @@ def read_file(path: Path) -> dict[str, Any]:
 def load(
     path: str | Path | None = None,
     *,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     overrides: dict[tuple[str, str], Any] | None = None,
 ) -> Config:
     """Load the config: file (if given or ``nexus.toml`` exists), then env, then CLI overrides.
@@ -160,30 +164,24 @@ def load(
     raw: dict[str, Any] = {}
     if explicit or source.exists():
         raw = read_file(source)
+    origins: dict[str, str] = {}  # keys set outside the file, so their errors do not blame it
     for var, (key, parse) in ENV_VARS.items():
         if var in env:
             try:
-                _set(raw, key, parse(env[var]))
+                _set(raw, key, parse(env[var]), str(source))
             except ValueError as exc:
                 raise ConfigError(f"environment {var}={env[var]!r} is invalid: {exc}") from None
+            origins[".".join(key)] = f"environment {var}"
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set(raw, key, value)
-    return build(raw, source=str(source))
+            _set(raw, key, value, str(source))
+            origins[".".join(key)] = "command line"
+    return build(raw, source=str(source), origins=origins)
 
 
 _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
-
-
-def _lookup(raw: Any, dotted: str) -> Any:
-    node = raw
-    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", dotted):
-        key, index = part
-        try:
-            node = node[key] if key else node[int(index)]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return node
+_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[(\.\.\.)\]")
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 def _struct_at(struct: Any, field_type: Any) -> Any:
@@ -193,21 +191,57 @@ def _struct_at(struct: Any, field_type: Any) -> Any:
     return inner if isinstance(inner, type) and issubclass(inner, msgspec.Struct) else None
 
 
-def _type_at(raw_path: str) -> Any:
-    """The declared type at a msgspec error path such as ``.backends[0].tier``."""
-    node: Any = Config
-    for key, _ in re.findall(r"\.([^.\[]+)|\[(\d+)\]", raw_path):
-        if not key:
-            continue
-        struct = node if isinstance(node, type) and issubclass(node, msgspec.Struct) else _struct_at(None, node)
-        if struct is None:
-            return None
-        node = {f.name: f.type for f in msgspec.structs.fields(struct)}.get(key)
-    return node
+def _converts(value: Any, declared: Any) -> bool:
+    try:
+        msgspec.convert(value, declared)
+    except (msgspec.ValidationError, TypeError):
+        return False
+    return True
 
 
-def _allowed(raw_path: str) -> str:
-    declared = _type_at(raw_path)
+def _walk(raw: Any, raw_path: str) -> tuple[list[str | int], Any, Any]:
+    """Follow a msgspec error path such as ``.backends[0].tier`` through the raw mapping.
+
+    Returns the path as keys and indexes, the declared type there and the raw value.
+    msgspec writes a mapping key as ``[...]``; the offending key is the first entry of
+    that mapping whose value does not convert (msgspec checks entries in order).
+    """
+    parts: list[str | int] = []
+    node: Any = raw
+    declared: Any = Config
+    for key, index, _ in _PART.findall(raw_path):
+        if key:
+            struct = _struct_at(None, declared)
+            declared = {f.name: f.type for f in msgspec.structs.fields(struct)}.get(key) if struct else None
+            parts.append(key)
+            node = node.get(key) if isinstance(node, dict) else None
+        elif index:
+            args = getattr(declared, "__args__", None)
+            declared = args[0] if args else None
+            parts.append(int(index))
+            node = node[int(index)] if isinstance(node, list) and int(index) < len(node) else None
+        else:
+            args = getattr(declared, "__args__", None)
+            declared = args[1] if args and len(args) == 2 else Any
+            bad = next((k for k, v in node.items() if not _converts(v, declared)), None) if isinstance(node, dict) else None
+            parts.append("..." if bad is None else bad)
+            node = None if bad is None else node[bad]
+    return parts, declared, node
+
+
+def _dotted(parts: list[str | int]) -> str:
+    """``routing.fallbacks."llama3.1"`` / ``backends[0].tier``: TOML-style, quoting keys with dots."""
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            key = part if _BARE_KEY.match(part) else '"' + part.replace('"', '\\"') + '"'
+            text += f".{key}" if text else key
+    return text
+
+
+def _allowed(declared: Any) -> str:
     struct = _struct_at(None, declared) if declared is not None else None
     if struct is not None:
         return ", ".join(f.name for f in msgspec.structs.fields(struct))
@@ -215,33 +249,42 @@ def _allowed(raw_path: str) -> str:
     return ", ".join(repr(v) for v in values)
 
 
-def explain(error: msgspec.ValidationError, raw: dict[str, Any], source: str) -> str:
-    """Turn a msgspec validation error into one line naming key, value and what is allowed."""
+def explain(
+    error: msgspec.ValidationError, raw: dict[str, Any], source: str, origins: Mapping[str, str] | None = None
+) -> str:
+    """Turn a msgspec validation error into one line naming key, value and what is allowed.
+
+    ``origins`` maps keys set by the environment or the command line to what set them,
+    so such a value is not blamed on the file.
+    """
     text = str(error)
     match = _PATH.search(text)
-    raw_path = match.group("path") if match else ""
-    where = raw_path.lstrip(".") or "(top level)"
+    parts, declared, value = _walk(raw, match.group("path") if match else "")
+    where = _dotted(parts) or "(top level)"
     detail = text[: match.start()] if match else text
     unknown = re.match(r"Object contains unknown field `(?P<key>[^`]+)`", detail)
     if unknown:
-        key = f"{where}.{unknown['key']}" if raw_path else unknown["key"]
-        return f"{source}: unknown config key '{key}' (allowed here: {_allowed(raw_path)})"
+        key = _dotted([*parts, unknown["key"]])
+        return f"{source}: unknown config key '{key}' (allowed here: {_allowed(declared)})"
     missing = re.match(r"Object missing required field `(?P<key>[^`]+)`", detail)
     if missing:
-        return f"{source}: missing required key '{where}.{missing['key']}'"
-    value = _lookup(raw, raw_path)
+        return f"{source}: missing required key '{_dotted([*parts, missing['key']])}'"
+    source = (origins or {}).get(where, source)
     if detail.startswith("Invalid enum value"):
-        return f"{source}: {where} = {value!r} is invalid: expected one of {_allowed(raw_path)}"
+        return f"{source}: {where} = {value!r} is invalid: expected one of {_allowed(declared)}"
     return f"{source}: {where} = {value!r} is invalid: {detail[0].lower() + detail[1:]}"
 
 
-def build(raw: dict[str, Any], *, source: str = "config") -> Config:
-    """Validate a raw TOML mapping into a :class:`Config`, raising one-line ConfigErrors."""
+def build(raw: dict[str, Any], *, source: str = "config", origins: Mapping[str, str] | None = None) -> Config:
+    """Validate a raw TOML mapping into a :class:`Config`, raising one-line ConfigErrors.
+
+    ``origins`` names what set a key when it was not the file (``environment NEXUS_PORT``).
+    """
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(explain(exc, raw, source)) from None
-    validate(config, source)
+        raise ConfigError(explain(exc, raw, source, origins)) from None
+    validate(config, source, origins)
     return config
 
 
@@ -250,10 +293,20 @@ def _check(ok: bool, source: str, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{source}: {key} = {value!r} is invalid: {allowed}")
 
 
-def validate(config: Config, source: str = "config") -> None:
-    """Semantic checks that types alone cannot express."""
+def _valid_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number 0-65535
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def validate(config: Config, source: str = "config", origins: Mapping[str, str] | None = None) -> None:
+    """Semantic checks that types alone cannot express. Normalises ``zone`` to lower case."""
     s = config.server
-    _check(0 < s.port < 65536, source, "server.port", s.port, "expected a port 1-65535")
+    port_source = (origins or {}).get("server.port", source)
+    _check(0 < s.port < 65536, port_source, "server.port", s.port, "expected a port 1-65535")
     _check(s.request_timeout_seconds > 0, source, "server.request_timeout_seconds", s.request_timeout_seconds, "expected > 0")
     _check(
         s.stream_idle_timeout_seconds > 0,
@@ -283,24 +336,20 @@ def validate(config: Config, source: str = "config") -> None:
     _check_aliases(r.aliases, source)
     levels = LogLevel.__args__
     for component, level in config.logging.component_levels.items():
-        _check(level in levels, source, f"logging.component_levels.{component}", level, f"expected one of {levels}")
+        _check(level in levels, source, f"logging.component_levels.{component}", level,
+               "expected one of " + ", ".join(repr(v) for v in levels))
     names: set[str] = set()
     for i, backend in enumerate(config.backends):
         key = f"backends[{i}]"
         _check(bool(backend.name.strip()), source, f"{key}.name", backend.name, "expected a non-empty name")
         _check(backend.name not in names, source, f"{key}.name", backend.name, "backend names must be unique")
         names.add(backend.name)
-        parts = urlsplit(backend.url)
-        _check(
-            parts.scheme in ("http", "https") and bool(parts.hostname),
-            source,
-            f"{key}.url",
-            backend.url,
-            "expected an http:// or https:// URL with a host",
-        )
+        _check(_valid_url(backend.url), source, f"{key}.url", backend.url,
+               "expected an http:// or https:// URL with a host")
         _check(1 <= backend.tier <= 5, source, f"{key}.tier", backend.tier, "expected a tier 1-5")
         if backend.zone is not None:
             _check(backend.zone.lower() in ZONES, source, f"{key}.zone", backend.zone, "expected 'restricted' or 'open'")
+            backend.zone = backend.zone.lower()
 
 
 def _check_aliases(aliases: dict[str, str], source: str) -> None:

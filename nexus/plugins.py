@@ -6,6 +6,8 @@ into what the app needs, reporting (never raising) what a broken plugin got wron
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -43,10 +45,25 @@ class PluginInfo:
 class PluginHost:
     pm: pluggy.PluginManager
     plugins: dict[str, PluginInfo]
+    # Reports held back until logging is configured (see create_host(defer_log=True)).
+    held: list[tuple[str, str]] | None = None
 
     def report(self, plugin_name: str, message: str) -> None:
-        log.error("plugin %s: %s", plugin_name, message)
-        self.plugins.setdefault(plugin_name, PluginInfo(plugin_name, "?", "?")).errors.append(message)
+        """Record a plugin problem once (accessors may run more than once) and log it."""
+        errors = self.plugins.setdefault(plugin_name, PluginInfo(plugin_name, "?", "?")).errors
+        if message in errors:
+            return
+        errors.append(message)
+        if self.held is not None:
+            self.held.append((plugin_name, message))
+        else:
+            log.error("plugin %s: %s", plugin_name, message)
+
+    def flush_log(self) -> None:
+        """Log the held reports, and from now on log reports as they happen."""
+        held, self.held = self.held or [], None
+        for plugin_name, message in held:
+            log.error("plugin %s: %s", plugin_name, message)
 
     def _results(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call a hook implementation by implementation, so one failure skips only its plugin."""
@@ -80,11 +97,13 @@ class PluginHost:
         return [cls for _, classes in self._results("register_discovery_sources") for cls in classes]
 
     def reconcilers(self, context: ReconcilerContext) -> list[Reconciler]:
+        """Build the reconcilers; a class gets the context with its plugin's ``[plugins.<name>]``."""
         built: list[Reconciler] = []
         for name, items in self._results("register_reconcilers"):
+            own = dataclasses.replace(context, settings=context.config.plugins.get(name, {}))
             for item in items:
                 try:
-                    reconciler = item(context) if isinstance(item, type) else item
+                    reconciler = item(own) if isinstance(item, type) else item
                     if not (isinstance(reconciler.name, str) and isinstance(reconciler.order, int)):
                         raise TypeError("needs str 'name' and int 'order'")
                     if not callable(reconciler.reconcile):
@@ -106,16 +125,31 @@ def _hook_names(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     return sorted(impl.name for impl in pm.get_hookcallers(plugin) or [])
 
 
-def create_host(*, load_entry_points: bool = True, extra: list[tuple[str, object]] | None = None) -> PluginHost:
+def _unknown_hook(exc: pluggy.PluginValidationError, pm: pluggy.PluginManager) -> str:
+    """The validation error, with the nearest hook name when it looks like a typo."""
+    unknown = [name for name in _hook_names(pm, exc.plugin) if not getattr(pm.hook, name).has_spec()]
+    known = [name for name, caller in vars(pm.hook).items() if caller.has_spec()]
+    hints = [f"; did you mean '{close[0]}'?" for name in unknown if (close := difflib.get_close_matches(name, known, 1))]
+    return f"implements an unknown hook: {exc}" + "".join(hints)
+
+
+def create_host(
+    *,
+    load_entry_points: bool = True,
+    extra: list[tuple[str, object]] | None = None,
+    defer_log: bool = False,
+) -> PluginHost:
     """Build a plugin manager: built-ins first, then each ``nexus.plugins`` entry point.
 
-    Tests pass ``load_entry_points=False`` and their own ``extra`` plugins.
+    Tests pass ``load_entry_points=False`` and their own ``extra`` plugins. The CLI
+    passes ``defer_log=True`` and calls :meth:`PluginHost.flush_log` once logging is set
+    up, so that nothing is logged before a config error and the lines are formatted.
     """
     from nexus import __version__, builtins
 
     pm = pluggy.PluginManager("nexus")
     pm.add_hookspecs(hookspecs)
-    host = PluginHost(pm, {})
+    host = PluginHost(pm, {}, [] if defer_log else None)
     pm.register(builtins, name="builtin")
     host.plugins["builtin"] = PluginInfo("builtin", __version__, "nexus-orchestrator", _hook_names(pm, builtins))
     candidates: list[tuple[str, object]] = list(extra or [])
@@ -145,7 +179,10 @@ def create_host(*, load_entry_points: bool = True, extra: list[tuple[str, object
         except pluggy.PluginValidationError as exc:
             # A misspelt hook fails loudly (log and listing); only that plugin is dropped.
             name = pm.get_name(exc.plugin) or "?"
+            message = _unknown_hook(exc, pm)
             pm.unregister(exc.plugin)
-            host.report(name, f"implements an unknown hook: {exc}")
+            if name in host.plugins:
+                host.plugins[name].hooks = []  # dropped: none of its hooks run
+            host.report(name, message)
             continue
         return host

@@ -173,20 +173,26 @@ class Proxy:
         except aiohttp.ClientError as exc:
             raise _Failed(BadGateway(f"Network error: {exc}")) from None
 
-    def _error_response(self, resp: aiohttp.ClientResponse, data: bytes) -> web.Response:
+    def _error_response(self, attempt: Attempt, resp: aiohttp.ClientResponse, data: bytes,
+                        failures: int) -> web.Response:
         """A non-2xx answer: retryable (429, 5xx) or the client's own 4xx, passed through."""
         status = resp.status
+        text = data[:500].decode(errors="replace")
         if status == 429 or status >= 500:
-            raise _Failed(BadGateway(f"Backend returned {status}: {data[:500].decode(errors='replace')}"))
+            backend = attempt.candidate.backend
+            retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))
+            if retry_after:
+                backend.retry_after_until = time.monotonic() + retry_after
+                log.warning("Backend %s asked to wait %gs (HTTP %d)", backend.id, retry_after, status)
+            raise _Failed(BadGateway(f"Backend returned {status}: {text}"))
+        headers = nexus_headers(attempt, failures)
         try:
             _decode_error_body(data)
-        except msgspec.DecodeError:
-            raise NexusError(
-                f"Backend returned {status}: {data[:500].decode(errors='replace')}",
-                status=status,
-                code="backend_error",
-            ) from None
-        return web.Response(body=data, status=status, content_type="application/json")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise NexusError(f"Backend returned {status}: {text}", status=status, code="backend_error",
+                             headers=headers) from None
+        headers["Content-Type"] = "application/json"
+        return web.Response(body=data, status=status, headers=headers)
 
     async def _unary(self, endpoint: str, attempt: Attempt, url: str, body: bytes, headers: dict[str, str],
                      failures: int) -> web.Response:
@@ -204,7 +210,7 @@ class Proxy:
     def _complete(self, endpoint: str, attempt: Attempt, resp: aiohttp.ClientResponse, data: bytes,
                   failures: int) -> web.Response:
         if resp.status >= 300:
-            return self._error_response(resp, data)
+            return self._error_response(attempt, resp, data, failures)
         try:
             _validate_json(data)
         except msgspec.ValidationError:
@@ -292,6 +298,16 @@ class Proxy:
             self._open_streams.discard(resp)
             resp.close()
         return response
+
+
+def _retry_after_seconds(value: str | None) -> float:
+    """Seconds from a ``Retry-After`` header (delta-seconds form; dates are ignored), capped at 1 h."""
+    if not value:
+        return 0.0
+    try:
+        return min(max(float(value), 0.0), 3600.0)
+    except ValueError:
+        return 0.0
 
 
 def nexus_headers(attempt: Attempt, failures: int) -> dict[str, str]:

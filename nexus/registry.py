@@ -56,6 +56,7 @@ class Backend:
         "last_health_check",
         "consecutive_failures",
         "consecutive_successes",
+        "retry_after_until",
     )
 
     def __init__(
@@ -89,6 +90,7 @@ class Backend:
         self.last_health_check: float | None = None
         self.consecutive_failures = 0
         self.consecutive_successes = 0
+        self.retry_after_until = 0.0  # time.monotonic() before which the backend asked not to be sent work
 
     @property
     def healthy(self) -> bool:

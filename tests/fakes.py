@@ -74,6 +74,7 @@ class FakeBackend:
     stream_chunks: list[str] = field(default_factory=lambda: ["Hel", "lo", "!"])
     received: list[Received] = field(default_factory=list)
     models_body: bytes | None = None
+    retry_after: str | None = None  # sent with status:<code> answers when set
     port: int = 0
     url: str = ""
 
@@ -121,7 +122,8 @@ class FakeBackend:
             status = int(mode.split(":")[1])
             error = {"error": {"message": f"fake error {status}", "type": "invalid_request_error",
                                "param": None, "code": "fake"}}
-            return web.json_response(error, status=status)
+            headers = {"Retry-After": self.retry_after} if self.retry_after else None
+            return web.json_response(error, status=status, headers=headers)
         if mode.startswith("text-status:"):
             return web.Response(text="plain failure", status=int(mode.split(":")[1]))
         if mode == "garbage":

@@ -166,6 +166,7 @@ async def test_backend_openai_4xx_is_passed_through_unchanged(fake_backend: Back
     async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["message"] == "fake error 400"
+        assert resp.headers["X-Nexus-Backend"] == "a"
     assert len(b.chats) == 0  # the client's own error is not retried
 
 
@@ -242,3 +243,32 @@ async def test_completions_and_embeddings_are_routed(fake_backend: BackendFactor
         assert resp.status == 400  # not an embedding model
         assert "embeddings" in (await resp.json())["error"]["message"]
     assert [r.path for r in backend.chats] == ["/v1/completions", "/v1/embeddings"]
+
+
+async def test_retry_after_from_a_backend_is_honoured(fake_backend: BackendFactory, nexus: NexusFactory,
+                                                      http: aiohttp.ClientSession) -> None:
+    limited = await fake_backend(name="a", mode="status:429", retry_after="30")
+    other = await fake_backend(name="b")
+    gw = await nexus({"backends": [backend_entry(limited, priority=1), backend_entry(other, priority=2)]})
+    for _ in range(3):
+        async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+            assert resp.headers["X-Nexus-Backend"] == "b"
+    assert len(limited.chats) == 1  # asked once, then left alone for 30 s
+
+
+async def test_prompt_text_is_logged_only_when_content_logging_is_enabled(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession, caplog) -> None:
+    backend = await fake_backend()
+    secret = {**CHAT, "messages": [{"role": "user", "content": "my secret prompt " + "x" * 200}]}
+    quiet = await nexus({"backends": [backend_entry(backend)]})
+    with caplog.at_level("DEBUG", logger="nexus"):
+        async with http.post(f"{quiet.url}/v1/chat/completions", json=secret) as resp:
+            assert resp.status == 200
+    assert "my secret prompt" not in caplog.text
+    loud = await nexus({"backends": [backend_entry(backend)], "logging": {"enable_content_logging": True}})
+    with caplog.at_level("INFO", logger="nexus"):
+        async with http.post(f"{loud.url}/v1/chat/completions", json=secret) as resp:
+            assert resp.status == 200
+    preview = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Prompt preview"))
+    assert preview == "Prompt preview: my secret prompt " + "x" * 83 + "..."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Callable
 
 from nexus.config import WeightsConfig
@@ -44,12 +45,22 @@ class Scheduling:
         }[routing.strategy]
 
     def reconcile(self, intent: RoutingIntent) -> None:
-        for candidate in intent.candidates:
-            if not candidate.backend.healthy:
+        now = 0.0
+        for candidate in intent.candidates[:]:
+            backend = candidate.backend
+            if not backend.healthy:
                 intent.exclude(
                     candidate.id,
                     f"Backend unhealthy: {candidate.status}",
                     "Wait for the backend to recover or check its logs",
+                    kind="unavailable",
+                )
+            elif backend.retry_after_until and backend.retry_after_until > (now := now or time.monotonic()):
+                wait = backend.retry_after_until - now
+                intent.exclude(
+                    candidate.id,
+                    f"Backend asked to retry after {wait:.0f}s (HTTP 429/503 Retry-After)",
+                    f"Retry in {wait:.0f}s",
                     kind="unavailable",
                 )
         survivors = intent.candidates
