@@ -6,12 +6,23 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import msgspec
 from aiohttp import web
 
-from nexus.errors import PayloadTooLarge, UnsupportedMediaType
+from nexus import config as config_mod
+from nexus.errors import (
+    ConfigError,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from nexus.gateway import Gateway
+from nexus.registry import Backend
 from nexus.logs import request_id_var
 from nexus.routing.analysis import analyse_chat, analyse_completion, analyse_embedding
 from nexus.routing.intent import Requirements
@@ -119,31 +130,77 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+def backend_view(b: Backend) -> dict[str, object]:
+    """A backend as ``/v1/backends`` and ``nexus backends list`` show it (never its key)."""
+    return {
+        "id": b.id,
+        "name": b.name,
+        "url": b.url,
+        "type": b.type_name,
+        "status": b.status.value,
+        "source": b.source,
+        "zone": b.zone,
+        "tier": b.tier,
+        "priority": b.priority,
+        "models": sorted(b.models),
+        "pending": b.pending,
+        "total_requests": b.total_requests,
+        "avg_latency_ms": round(b.avg_latency_ms, 1),
+        "last_error": b.last_error,
+    }
+
+
 async def list_backends(request: web.Request) -> web.Response:
-    """``GET /v1/backends``: what ``nexus backends list`` shows (no secrets)."""
-    return json_response(
-        {
-            "backends": [
-                {
-                    "id": b.id,
-                    "name": b.name,
-                    "url": b.url,
-                    "type": b.type_name,
-                    "status": b.status.value,
-                    "source": b.source,
-                    "zone": b.zone,
-                    "tier": b.tier,
-                    "priority": b.priority,
-                    "models": sorted(b.models),
-                    "pending": b.pending,
-                    "total_requests": b.total_requests,
-                    "avg_latency_ms": round(b.avg_latency_ms, 1),
-                    "last_error": b.last_error,
-                }
-                for b in sorted(request.app[GATEWAY].registry.all(), key=lambda b: b.name)
-            ]
-        }
-    )
+    """``GET /v1/backends``."""
+    backends = sorted(request.app[GATEWAY].registry.all(), key=lambda b: b.name)
+    return json_response({"backends": [backend_view(b) for b in backends]})
+
+
+def _require_loopback(request: web.Request) -> None:
+    """Changing the fleet is allowed from this machine only, even when Nexus listens on 0.0.0.0."""
+    remote = request.remote or ""
+    if not (remote.startswith("127.") or remote == "::1"):
+        raise Forbidden("Backends can only be added or removed from the machine Nexus runs on.")
+
+
+async def add_backend(request: web.Request) -> web.Response:
+    """``POST /v1/backends``: register a backend until restart (``nexus backends add``)."""
+    _require_loopback(request)
+    gateway = request.app[GATEWAY]
+    try:
+        raw = json.loads(await read_body(request, gateway.config.server.max_body_bytes))
+    except ValueError as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("url"), str):
+        raise InvalidRequest("Expected a JSON object with at least a 'url'.", param="url")
+    raw.setdefault("name", urlsplit(raw["url"]).hostname or raw["url"])
+    if "type" not in raw:
+        raw["type"] = await gateway.detect_type(raw["url"])
+    try:
+        spec = config_mod.build({"backends": [raw]}, source="request").backends[0]
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc).removeprefix("request: ").replace("backends[0].", "")) from None
+    if spec.type not in gateway.adapter_types:
+        installed = ", ".join(sorted(gateway.adapter_types))
+        raise InvalidRequest(f"Unknown backend type '{spec.type}' (installed: {installed}).", param="type")
+    if gateway.registry.get(spec.name) is not None:
+        raise Conflict(f"A backend named '{spec.name}' already exists.", param="name")
+    backend = gateway.build_backend(spec, spec.name, "manual")
+    if backend is None:
+        raise InvalidRequest(f"Backend '{spec.name}' could not be created; see the server log.")
+    await gateway.health.check(backend)
+    return json_response(backend_view(backend), status=201)
+
+
+async def remove_backend(request: web.Request) -> web.Response:
+    """``DELETE /v1/backends/{id}`` (``nexus backends remove``)."""
+    _require_loopback(request)
+    backend_id = request.match_info["backend_id"]
+    backend = request.app[GATEWAY].registry.remove(backend_id)
+    if backend is None:
+        raise NotFound(f"No backend with id '{backend_id}'.", param="backend_id")
+    log.info("Removed backend %s on request", backend_id)
+    return json_response({"removed": backend_id})
 
 
 ROUTES = [
@@ -152,5 +209,7 @@ ROUTES = [
     web.post("/v1/embeddings", embeddings),
     web.get("/v1/models", list_models),
     web.get("/v1/backends", list_backends),
+    web.post("/v1/backends", add_backend),
+    web.delete("/v1/backends/{backend_id}", remove_backend),
     web.get("/health", health),
 ]

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from importlib import resources
 from pathlib import Path
@@ -39,15 +40,24 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _fetch(url: str, path: str) -> Any:
-    """GET a JSON document from a running Nexus (no proxies: it is usually on loopback)."""
+def _fetch(url: str, path: str, *, method: str = "GET", body: Any = None, timeout: float = 5) -> Any:
+    """Call a running Nexus and return its JSON answer (no proxies: it is usually on loopback).
+
+    An error answer becomes one line carrying the gateway's own error message.
+    """
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     target = url.rstrip("/") + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(target, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with opener.open(target, timeout=5) as resp:
+        with opener.open(request, timeout=timeout) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        raise CliError(f"{target} answered HTTP {exc.code}") from None
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"{target} answered HTTP {exc.code}"
+        raise CliError(message) from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise CliError(f"no Nexus answering at {url} ({reason}); is `nexus serve` running?") from None
@@ -147,6 +157,36 @@ def backends_list(url: str, as_json: bool, status: str | None) -> None:
         return _table(["NAME", "URL", "TYPE", "STATUS", "SOURCE", "ZONE", "MODELS", "LATENCY"], rows)
 
     _emit(data, as_json, render)
+
+
+@backends.command("add")
+@click.argument("backend_url")
+@click.option("-n", "--name", help="Backend name and id (default: the URL's host).")
+@click.option("-t", "--type", "backend_type", help="Backend type (default: detected by probing).")
+@click.option("-p", "--priority", type=int, default=50, show_default=True, help="Lower is preferred.")
+@url_option
+@json_option
+def backends_add(backend_url: str, name: str | None, backend_type: str | None, priority: int, url: str,
+                 as_json: bool) -> None:
+    """Add a backend to a running Nexus (until it restarts; put it in nexus.toml to keep it)."""
+    body: dict[str, Any] = {"url": backend_url, "priority": priority}
+    if name:
+        body["name"] = name
+    if backend_type:
+        body["type"] = backend_type
+    data = _fetch(url, "/v1/backends", method="POST", body=body, timeout=30)
+    _emit(data, as_json, lambda b: f"Added backend '{b['name']}' ({b['type']}, {b['status']}, "
+                                   f"{len(b['models'])} models)")
+
+
+@backends.command("remove")
+@click.argument("backend_id")
+@url_option
+@json_option
+def backends_remove(backend_id: str, url: str, as_json: bool) -> None:
+    """Remove a backend from a running Nexus."""
+    data = _fetch(url, f"/v1/backends/{urllib.parse.quote(backend_id, safe='')}", method="DELETE")
+    _emit(data, as_json, lambda d: f"Removed backend: {d['removed']}")
 
 
 @cli.command()

@@ -66,6 +66,17 @@ class NotFound(InvalidRequest):
     code = "not_found"
 
 
+class Forbidden(InvalidRequest):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class Conflict(InvalidRequest):
+    status = 409
+    code = "conflict"
+
+
 class MethodNotAllowed(InvalidRequest):
     status = 405
     code = "method_not_allowed"

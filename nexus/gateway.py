@@ -109,6 +109,20 @@ class Gateway:
         if self.config.health_check.enabled:
             self._spawn(self.health.check(backend), f"first check of {backend.id}")
 
+    async def detect_type(self, url: str) -> str:
+        """The first installed type whose probe accepts ``url`` (plugins before ``generic``)."""
+        assert self.session is not None
+        ordered = sorted(self.adapter_types.values(), key=lambda cls: cls.type_name == "generic")
+        for adapter_cls in ordered:
+            spec = BackendConfig(name="probe", url=url, type=adapter_cls.type_name)
+            adapter = adapter_cls(spec, self.session, probe_timeout=min(2.0, self.config.health_check.timeout_seconds))
+            try:
+                if await adapter.probe() is not None:
+                    return adapter_cls.type_name
+            except Exception as exc:  # any failure just means "not this type"
+                log.debug("%s is not a %s backend: %s", url, adapter_cls.type_name, exc)
+        return "generic"
+
     # -- backends -------------------------------------------------------------------------
 
     def build_backend(self, spec: BackendConfig, backend_id: str, source: str) -> Backend | None:
