@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -66,6 +67,39 @@ def _error_event(message: str, code: str) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one proxied request, logged as one line when it ends."""
+
+    endpoint: str
+    model: str  # as the client asked
+    stream: bool
+    started: float = field(default_factory=time.monotonic)
+    backend: str | None = None
+    served_model: str | None = None
+    route_reason: str = ""
+    retries: int = 0
+    fallback: bool = False
+    status: int = 0
+    outcome: str = "error"  # success | error | cancelled | interrupted
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+    def attempt(self, attempt: Attempt) -> None:
+        self.backend = attempt.candidate.backend.id
+        self.served_model = attempt.model
+        self.fallback = attempt.fallback
+        self.route_reason = attempt.intent.route_reason
+
+    def log(self) -> None:
+        fields = {k: getattr(self, k) for k in self.__slots__ if k != "started" and getattr(self, k) is not None}
+        fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 1)
+        level = logging.INFO if self.outcome in ("success", "cancelled") else logging.WARNING
+        log.log(level, "%s %s -> %s %s", self.endpoint, self.model, self.status, self.outcome, extra=fields)
+
+
 def _events_end(buffer: bytes) -> int:
     """Index just past the last complete SSE event in ``buffer`` (0 if none)."""
     lf = buffer.rfind(b"\n\n")
@@ -100,50 +134,50 @@ class Proxy:
         stream: bool,
     ) -> web.StreamResponse:
         """Try each attempt of ``plan`` until one answers; raise the last failure otherwise."""
+        record = RequestRecord(endpoint, plan.first.requested_model, stream)
+        try:
+            return await self._attempts(request, endpoint, body, plan, record)
+        except asyncio.CancelledError:
+            record.outcome = "cancelled"
+            raise
+        except NexusError as exc:
+            record.status, record.error = exc.status, exc.message
+            raise
+        finally:
+            record.log()
+
+    async def _attempts(self, request: web.Request, endpoint: str, body: bytes, plan: RoutePlan,
+                        record: RequestRecord) -> web.StreamResponse:
         client_auth = request.headers.get("Authorization")
-        body_model = plan.first.requested_model
+        request_id = request_id_var.get() or ""
         bodies: dict[str, bytes] = {}
-        failures = 0
         last: NexusError | None = None
-        started = time.monotonic()
         for attempt in plan:
+            record.attempt(attempt)
             backend = attempt.candidate.backend
             adapter = backend.adapter
             out = body
-            if attempt.model != body_model:
+            if attempt.model != record.model:
                 out = bodies.get(attempt.model) or bodies.setdefault(attempt.model, rewrite_model(body, attempt.model))
             if adapter.translates:
                 out = adapter.prepare_body(endpoint, out)
             url = adapter.upstream_url(endpoint)
             headers = adapter.upstream_headers(client_auth)
-            headers["X-Request-Id"] = request_id_var.get() or ""
+            headers["X-Request-Id"] = request_id
             backend.pending += 1
             backend.total_requests += 1
             try:
-                if stream:
-                    response = await self._stream(request, endpoint, attempt, url, out, headers, failures)
-                else:
-                    response = await self._unary(endpoint, attempt, url, out, headers, failures)
+                if record.stream:
+                    return await self._stream(request, attempt, url, out, headers, record)
+                return await self._unary(attempt, url, out, headers, record)
             except _Failed as failed:
-                failures += 1
+                record.retries += 1
                 last = failed.error
-                log.warning("Backend request failed: %s (%s)", backend.id, failed.error.message,
-                            extra={"backend": backend.id, "attempt": failures})
-                continue
-            except asyncio.CancelledError:
-                log.info("Request cancelled by the client", extra={"backend": backend.id})
-                raise
+                log.warning("Backend %s failed: %s", backend.id, last.message, extra={"attempt": record.retries})
             finally:
                 backend.pending -= 1
-            log.info(
-                "%s %s served by %s", endpoint, attempt.model, backend.id,
-                extra={"status": response.status, "stream": stream, "retries": failures,
-                       "route_reason": attempt.intent.route_reason,
-                       "latency_ms": round((time.monotonic() - started) * 1000, 1)},
-            )
-            return response
         assert last is not None  # a plan always holds at least one attempt
-        log.error("All attempts failed (%d): %s", failures, last.message)
+        record.retries -= 1  # the last failure is not a retry
         raise last
 
     # -- one attempt ---------------------------------------------------------------------
@@ -174,7 +208,7 @@ class Proxy:
             raise _Failed(BadGateway(f"Network error: {exc}")) from None
 
     def _error_response(self, attempt: Attempt, resp: aiohttp.ClientResponse, data: bytes,
-                        failures: int) -> web.Response:
+                        record: RequestRecord) -> web.Response:
         """A non-2xx answer: retryable (429, 5xx) or the client's own 4xx, passed through."""
         status = resp.status
         text = data[:500].decode(errors="replace")
@@ -185,7 +219,8 @@ class Proxy:
                 backend.retry_after_until = time.monotonic() + retry_after
                 log.warning("Backend %s asked to wait %gs (HTTP %d)", backend.id, retry_after, status)
             raise _Failed(BadGateway(f"Backend returned {status}: {text}"))
-        headers = nexus_headers(attempt, failures)
+        record.status = status
+        headers = nexus_headers(attempt, record.retries)
         try:
             _decode_error_body(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -194,8 +229,8 @@ class Proxy:
         headers["Content-Type"] = "application/json"
         return web.Response(body=data, status=status, headers=headers)
 
-    async def _unary(self, endpoint: str, attempt: Attempt, url: str, body: bytes, headers: dict[str, str],
-                     failures: int) -> web.Response:
+    async def _unary(self, attempt: Attempt, url: str, body: bytes, headers: dict[str, str],
+                     record: RequestRecord) -> web.Response:
         resp = await self._open(url, body, headers, self.unary_timeout)
         try:
             data = await resp.read()
@@ -205,27 +240,30 @@ class Proxy:
             raise _Failed(BadGateway(f"Network error while reading the response: {exc}")) from None
         finally:
             resp.release()
-        return self._complete(endpoint, attempt, resp, data, failures)
+        return self._complete(attempt, resp, data, record)
 
-    def _complete(self, endpoint: str, attempt: Attempt, resp: aiohttp.ClientResponse, data: bytes,
-                  failures: int) -> web.Response:
+    def _complete(self, attempt: Attempt, resp: aiohttp.ClientResponse, data: bytes,
+                  record: RequestRecord) -> web.Response:
         if resp.status >= 300:
-            return self._error_response(attempt, resp, data, failures)
+            return self._error_response(attempt, resp, data, record)
         try:
-            _validate_json(data)
+            usage = _validate_json(data).usage
         except msgspec.ValidationError:
-            pass  # valid JSON of an unexpected shape: the client's SDK will judge it
+            usage = None  # valid JSON of an unexpected shape: the client's SDK will judge it
         except msgspec.DecodeError as exc:
             raise _Failed(BadGateway(f"Invalid backend response: {exc}")) from None
+        if usage is not None:
+            record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        record.status, record.outcome = resp.status, "success"
         adapter = attempt.candidate.backend.adapter
         if adapter.translates:
-            data = adapter.translate_response(endpoint, data)
-        headers = nexus_headers(attempt, failures)
+            data = adapter.translate_response(record.endpoint, data)
+        headers = nexus_headers(attempt, record.retries)
         headers["Content-Type"] = resp.headers.get("Content-Type", "application/json")
         return web.Response(body=data, status=resp.status, headers=headers)
 
-    async def _stream(self, request: web.Request, endpoint: str, attempt: Attempt, url: str, body: bytes,
-                      headers: dict[str, str], failures: int) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, attempt: Attempt, url: str, body: bytes,
+                      headers: dict[str, str], record: RequestRecord) -> web.StreamResponse:
         resp: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(self.first_byte_timeout):
@@ -233,7 +271,7 @@ class Proxy:
                 if resp.status >= 300 or not resp.headers.get("Content-Type", "").startswith(_SSE):
                     data = await resp.read()  # an error, or a backend that ignored stream=true
                     resp.release()
-                    return self._complete(endpoint, attempt, resp, data, failures)
+                    return self._complete(attempt, resp, data, record)
                 first = await resp.content.readany()
         except asyncio.TimeoutError:
             if resp is not None:
@@ -246,18 +284,21 @@ class Proxy:
         if not first:
             resp.close()
             raise _Failed(BadGateway("Backend closed the stream before sending any event"))
-        return await self._relay(request, endpoint, attempt, resp, first, failures)
+        record.ttft_ms = round((time.monotonic() - record.started) * 1000, 1)
+        return await self._relay(request, attempt, resp, first, record)
 
-    async def _relay(self, request: web.Request, endpoint: str, attempt: Attempt, resp: aiohttp.ClientResponse,
-                     buffer: bytes, failures: int) -> web.StreamResponse:
-        headers = nexus_headers(attempt, failures)
+    async def _relay(self, request: web.Request, attempt: Attempt, resp: aiohttp.ClientResponse,
+                     buffer: bytes, record: RequestRecord) -> web.StreamResponse:
+        endpoint = record.endpoint
+        record.status = resp.status
+        headers = nexus_headers(attempt, record.retries)
         headers["Content-Type"] = resp.headers["Content-Type"]
         headers["Cache-Control"] = "no-cache"
         response = web.StreamResponse(status=resp.status, headers=headers)
         adapter = attempt.candidate.backend.adapter
         translate = adapter.translate_event if adapter.translates else None
         done = False
-        ended_with_error = False
+        last_chunk = b""
         failure: str | None = None
         self._open_streams.add(resp)
         try:
@@ -269,7 +310,7 @@ class Proxy:
                     if translate is not None:
                         chunk = translate(endpoint, chunk)
                     done = done or b"[DONE]" in chunk
-                    ended_with_error = chunk.startswith(b'data: {"error"')
+                    last_chunk = chunk
                     await response.write(chunk)
                 try:
                     data = await resp.content.readany()
@@ -284,20 +325,27 @@ class Proxy:
                 buffer += data
             if buffer:  # a last event without its blank line
                 done = done or b"[DONE]" in buffer
+                last_chunk = buffer
                 await response.write(buffer)
             if self.shutting_down and not done:
                 failure = "Nexus is shutting down; the stream was cut"
-            if not done and not ended_with_error:
-                message = failure or "Backend closed the stream before it was complete"
-                log.warning("Stream cut: %s", message, extra={"backend": attempt.candidate.backend.id})
-                await response.write(_error_event(message, "stream_interrupted"))
+            if done:
+                record.outcome = "success"
+            else:
+                record.outcome, record.error = "interrupted", failure or "Backend closed the stream early"
+                if not _last_event(last_chunk).startswith(b'data: {"error"'):  # the backend said nothing
+                    await response.write(_error_event(record.error, "stream_interrupted"))
             await response.write_eof()
         except ConnectionResetError:
-            log.info("Client disconnected during the stream", extra={"backend": attempt.candidate.backend.id})
+            record.outcome = "cancelled"
         finally:
             self._open_streams.discard(resp)
             resp.close()
         return response
+
+
+def _last_event(chunk: bytes) -> bytes:
+    return chunk.rstrip(b"\r\n").rsplit(b"\n\n", 1)[-1].lstrip(b"\r\n")
 
 
 def _retry_after_seconds(value: str | None) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 
@@ -198,3 +199,48 @@ async def test_stale_pooled_connection_is_retried_invisibly(nexus: NexusFactory,
     finally:
         server.close()
         await server.wait_closed()
+
+
+class RecordCollector(logging.Handler):
+    """Collects the per-request record lines and signals when ``expected`` have arrived."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.expected = expected
+        self.complete = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "outcome"):
+            self.records.append(record)
+            if len(self.records) >= self.expected:
+                self.complete.set()
+
+
+async def test_every_request_ends_in_one_record_line(fake_backend: BackendFactory, nexus: NexusFactory,
+                                                     http: aiohttp.ClientSession) -> None:
+    backend = await fake_backend(mode="slow")
+    gw = await nexus({"backends": [backend_entry(backend)]})
+    collector = RecordCollector(expected=3)
+    logger = logging.getLogger("nexus.proxy")
+    logger.addHandler(collector)
+    logger.setLevel(logging.INFO)
+    try:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+        backend.release.set()
+        async with http.post(f"{gw.url}/v1/chat/completions", json=STREAM) as resp:
+            await resp.read()
+        backend.release.clear()
+        resp = await http.post(f"{gw.url}/v1/chat/completions", json=STREAM)
+        await resp.content.readuntil(b"\n\n")
+        resp.close()
+        await asyncio.wait_for(collector.complete.wait(), 5)  # written as the handler unwinds
+    finally:
+        logger.removeHandler(collector)
+        logger.setLevel(logging.NOTSET)
+    unary, streamed, cancelled = collector.records
+    assert (unary.outcome, unary.status, unary.prompt_tokens, unary.completion_tokens) == ("success", 200, 3, 2)
+    assert unary.backend == "fake" and unary.stream is False
+    assert (streamed.outcome, streamed.stream) == ("success", True) and streamed.ttft_ms is not None
+    assert cancelled.outcome == "cancelled"
