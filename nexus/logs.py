@@ -6,9 +6,12 @@ line written while serving a request carries it, retries and fallbacks included.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import logging
+import queue
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -27,14 +30,16 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-
-
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
+    """RFC 3339 UTC with milliseconds; the per-second part is formatted once per second."""
+    global _second_cache
+    second = int(record.created)
+    if _second_cache[0] != second:
+        _second_cache = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second_cache[1]}.{int(record.msecs):03d}Z"
 
 
 class PrettyFormatter(logging.Formatter):
@@ -73,11 +78,69 @@ def level_number(name: str) -> int:
     return _LEVELS[name.lower()]
 
 
+class _Writer(threading.Thread):
+    """Formats and writes queued records in batches, off the event loop."""
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord | None], stream: TextIO,
+                 formatter: logging.Formatter) -> None:
+        super().__init__(name="nexus-log-writer", daemon=True)
+        self.records, self.stream, self.formatter = records, stream, formatter
+
+    def run(self) -> None:
+        get, get_nowait = self.records.get, self.records.get_nowait
+        while True:
+            batch = [get()]
+            try:
+                while len(batch) < 512:
+                    batch.append(get_nowait())
+            except queue.Empty:
+                pass
+            lines = [self.formatter.format(r) for r in batch if r is not None]
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+            if batch[-1] is None:
+                return
+
+
+class _EnqueueHandler(logging.Handler):
+    """Binds the request id on the loop thread, then hands the record to the writer."""
+
+    def __init__(self, records: queue.SimpleQueue[logging.LogRecord | None]) -> None:
+        super().__init__()
+        self.put = records.put
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no lock needed: the queue is thread-safe
+        record.request_id = request_id_var.get()
+        self.put(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
+_writer: tuple[_Writer, queue.SimpleQueue[logging.LogRecord | None]] | None = None
+
+
 def setup(config: LoggingConfig, stream: TextIO | None = None) -> None:
-    """Configure the ``nexus`` logger tree (idempotent: replaces earlier handlers)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.format == "json" else PrettyFormatter())
-    handler.addFilter(_RequestIdFilter())
+    """Configure the ``nexus`` logger tree (idempotent: replaces earlier handlers).
+
+    Records are formatted and written by a background thread in batches, so a slow
+    terminal or pipe never blocks the event loop; the request id is bound before the
+    record leaves the loop.
+    """
+    global _writer
+    flush()
+    # Documented logging optimisations: no caller, thread or process lookups per record.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    formatter = JsonFormatter() if config.format == "json" else PrettyFormatter()
+    records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+    writer = _Writer(records, stream or sys.stderr, formatter)
+    writer.start()
+    _writer = (writer, records)
+    atexit.register(flush)
+    handler = _EnqueueHandler(records)
     root = logging.getLogger("nexus")
     root.handlers[:] = [handler]
     root.setLevel(level_number(config.level))
@@ -90,3 +153,13 @@ def setup(config: LoggingConfig, stream: TextIO | None = None) -> None:
             "WARNING: do not enable this where logs are shared or retained.",
             file=stream or sys.stderr,
         )
+
+
+def flush() -> None:
+    """Write out every queued record and stop the writer (at exit, or before a new setup)."""
+    global _writer
+    if _writer is not None:
+        writer, records = _writer
+        _writer = None
+        records.put(None)
+        writer.join()
