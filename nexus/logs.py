@@ -45,11 +45,11 @@ def _timestamp(record: logging.LogRecord) -> str:
 class PrettyFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None)
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items()).replace("\n", "\\n")
         line = f"{_timestamp(record)} {record.levelname:<7} {record.name}"
         if rid:
             line += f" [{rid}]"
-        line += f" {record.getMessage()}"
+        line += " " + record.getMessage().replace("\n", "\\n")  # one line per event, always
         if extra:
             line += f" {extra}"
         if record.exc_info:
