@@ -158,7 +158,7 @@ async def list_backends(request: web.Request) -> web.Response:
 
 def _require_loopback(request: web.Request) -> None:
     """Changing the fleet is allowed from this machine only, even when Nexus listens on 0.0.0.0."""
-    remote = request.remote or ""
+    remote = (request.remote or "").removeprefix("::ffff:")
     if not (remote.startswith("127.") or remote == "::1"):
         raise Forbidden("Backends can only be added or removed from the machine Nexus runs on.")
 

@@ -1,6 +1,6 @@
 """Typed errors and their one exit: the OpenAI error envelope.
 
-Handlers, the router and adapters raise these; one middleware (``nexus.middleware``)
+Handlers, the router and adapters raise these; one middleware (``nexus.app.request_middleware``)
 turns them into responses, and the CLI turns :class:`ConfigError` into one line on
 stderr.
 """

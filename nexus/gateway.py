@@ -52,6 +52,7 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.sink: DiscoverySink | None = None
+        self.health_checking = config.health_check.enabled
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle (called from the app's cleanup context) --------------------------------
@@ -63,10 +64,9 @@ class Gateway:
             auto_decompress=True,
         )
         self.proxy = Proxy(self.session, self.config.server)
+        self.health_checking = health_check
         for spec in self.config.backends:
-            backend = self.build_backend(spec, spec.name, "static")
-            if backend is not None and not health_check and backend.models:
-                backend.set_status(Status.HEALTHY)
+            self._settle(self.build_backend(spec, spec.name, "static"))
         if health_check:
             self._spawn(self.health.run(), "health checker")
         if discovery:
@@ -106,8 +106,15 @@ class Gateway:
         self._spawn(source.run(self.sink), f"discovery source {name}")
 
     def _on_discovered(self, backend: Backend) -> None:
-        if self.config.health_check.enabled:
+        if self.health_checking:
             self._spawn(self.health.check(backend), f"first check of {backend.id}")
+        else:
+            self._settle(backend)
+
+    def _settle(self, backend: Backend | None) -> None:
+        """Without health checks, a backend with configured models is taken as healthy."""
+        if backend is not None and not self.health_checking and backend.models:
+            backend.set_status(Status.HEALTHY)
 
     async def detect_type(self, url: str) -> str:
         """The first installed type whose probe accepts ``url`` (plugins before ``generic``)."""

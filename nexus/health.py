@@ -68,7 +68,7 @@ class HealthChecker:
         backend.consecutive_successes += 1
         old = backend.avg_latency_ms
         backend.avg_latency_ms = latency_ms if old == 0 else (latency_ms + 4 * old) / 5
-        if models:
+        if models is not None:
             configured = [backend.adapter.describe_model(m) for m in backend.adapter.spec.models]
             listed = {m.id for m in models}
             self.registry.set_models(backend, models + [m for m in configured if m.id not in listed])

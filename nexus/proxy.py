@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,15 +25,17 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from nexus.adapters.base import BackendAdapter
 from nexus.body import rewrite_model
 from nexus.config import ServerConfig
-from nexus.errors import BadGateway, GatewayTimeout, NexusError
+from nexus.errors import BadGateway, GatewayTimeout, InvalidRequest, NexusError
 from nexus.logs import request_id_var
 from nexus.routing.router import Attempt, RoutePlan
 
 log = logging.getLogger("nexus.proxy")
 _encode = msgspec.json.Encoder().encode
 _SSE = "text/event-stream"
+_EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n|$)", re.DOTALL)
 _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 
 
@@ -224,8 +228,8 @@ class Proxy:
         try:
             _decode_error_body(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            raise NexusError(f"Backend returned {status}: {text}", status=status, code="backend_error",
-                             headers=headers) from None
+            raise InvalidRequest(f"Backend returned {status}: {text}", status=status, code="backend_error",
+                                 headers=headers) from None
         headers["Content-Type"] = "application/json"
         return web.Response(body=data, status=status, headers=headers)
 
@@ -296,7 +300,7 @@ class Proxy:
         headers["Cache-Control"] = "no-cache"
         response = web.StreamResponse(status=resp.status, headers=headers)
         adapter = attempt.candidate.backend.adapter
-        translate = adapter.translate_event if adapter.translates else None
+        translate = _event_translator(adapter, endpoint) if adapter.translates else None
         done = False
         last_chunk = b""
         failure: str | None = None
@@ -308,7 +312,7 @@ class Proxy:
                 if cut:
                     chunk, buffer = buffer[:cut], buffer[cut:]
                     if translate is not None:
-                        chunk = translate(endpoint, chunk)
+                        chunk = translate(chunk)
                     done = done or b"[DONE]" in chunk
                     last_chunk = chunk
                     await response.write(chunk)
@@ -324,6 +328,8 @@ class Proxy:
                     break
                 buffer += data
             if buffer:  # a last event without its blank line
+                if translate is not None:
+                    buffer = translate(buffer)
                 done = done or b"[DONE]" in buffer
                 last_chunk = buffer
                 await response.write(buffer)
@@ -336,12 +342,38 @@ class Proxy:
                 if not _last_event(last_chunk).startswith(b'data: {"error"'):  # the backend said nothing
                     await response.write(_error_event(record.error, "stream_interrupted"))
             await response.write_eof()
+        except _TranslationFailed as exc:
+            record.outcome, record.error = "interrupted", str(exc)
+            await response.write(_error_event(str(exc), "stream_interrupted"))
+            await response.write_eof()
         except ConnectionResetError:
             record.outcome = "cancelled"
         finally:
             self._open_streams.discard(resp)
             resp.close()
         return response
+
+
+class _TranslationFailed(Exception):
+    pass
+
+
+def _event_translator(adapter: BackendAdapter, endpoint: str) -> Callable[[bytes], bytes]:
+    """Translate each SSE event of a chunk on its own; a failing adapter ends the stream."""
+
+    def translate(chunk: bytes) -> bytes:
+        try:
+            return b"".join(adapter.translate_event(endpoint, event) for event in _split_events(chunk))
+        except Exception as exc:
+            log.exception("Adapter %s failed to translate a stream event", adapter.type_name)
+            raise _TranslationFailed(f"Backend adapter {adapter.type_name} failed: {exc}") from exc
+
+    return translate
+
+
+def _split_events(chunk: bytes) -> list[bytes]:
+    """Complete SSE events with their terminators (``\n\n`` or ``\r\n\r\n``)."""
+    return [event for m in _EVENT.finditer(chunk) if (event := m.group(0))]
 
 
 def _last_event(chunk: bytes) -> bytes:

@@ -218,3 +218,12 @@ async def test_health_with_no_backends_is_unhealthy(nexus: NexusFactory, http: a
     async with http.get(f"{gw.url}/health") as resp:
         assert resp.status == 200
         assert (await resp.json())["status"] == "unhealthy"
+
+
+async def test_missing_capability_is_400_even_with_fallbacks(fake_backend: BackendFactory, nexus: NexusFactory,
+                                                             http: aiohttp.ClientSession) -> None:
+    backend = await fake_backend(models=["big", "small"])
+    gw = await nexus({"routing": {"fallbacks": {"big": ["small"]}}, "backends": [backend_entry(backend)]})
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}
+    async with http.post(f"{gw.url}/v1/chat/completions", json={"model": "big", "messages": [image]}) as resp:
+        assert resp.status == 400

@@ -143,3 +143,13 @@ async def test_static_backend_wins_over_discovered_duplicate(fake_backend: Backe
     sink = DiscoverySink(gateway.registry, gateway.config, gateway.build_backend, lambda b: None)
     assert sink.found(DiscoveredEndpoint(key="k", name="dup", url=backend.url + "/v1", type="generic"), "mdns") is None
     assert [b.id for b in gateway.registry.all()] == ["fake"]
+
+
+async def test_an_empty_model_list_clears_the_models(fake_backend: BackendFactory, nexus: NexusFactory) -> None:
+    backend = await fake_backend(models=["gone-soon"])
+    gw = await nexus({"backends": [backend_entry(backend, models=["pinned"])]})
+    state = gw.gateway.registry.get("fake")
+    assert state is not None and sorted(state.models) == ["gone-soon", "pinned"]
+    backend.models = []
+    await gw.check_health()
+    assert list(state.models) == ["pinned"]  # configured models always stay listed

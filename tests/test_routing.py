@@ -178,3 +178,38 @@ async def test_round_robin_end_to_end(fake_backend: BackendFactory, nexus: Nexus
         async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:
             assert resp.status == 200
     assert [len(b.chats) for b in backends] == [2, 2, 2]
+
+
+class Broken:
+    name = "broken"
+    order = 300
+
+    def reconcile(self, intent: RoutingIntent) -> None:
+        raise RuntimeError("bug in a third-party stage")
+
+
+class LateStage:
+    name = "late"
+    order = 950
+
+    def reconcile(self, intent: RoutingIntent) -> None:
+        intent.exclude("a", "after scheduling")
+
+
+def test_a_failing_stage_fails_closed_with_a_clear_error() -> None:
+    registry = make_registry(("a", 1))
+    config = config_mod.build({})
+    context = ReconcilerContext(config=config, registry=registry)
+    router = Router(registry, Pipeline([Scheduling(context), Broken()]), config.routing)
+    with pytest.raises(Exception) as caught:
+        router.plan("m", Requirements(), request_id="t")
+    assert caught.value.status == 500  # type: ignore[attr-defined]
+    assert "Routing stage 'broken' failed" in str(caught.value)
+
+
+def test_a_stage_after_scheduling_narrows_the_ranking() -> None:
+    registry = make_registry(("a", 1), ("b", 2))
+    config = config_mod.build({})
+    context = ReconcilerContext(config=config, registry=registry)
+    router = Router(registry, Pipeline([Scheduling(context), LateStage()]), config.routing)
+    assert [c.name for c in router.plan("m", Requirements(), request_id="t").first.ranked] == ["b"]

@@ -9,6 +9,7 @@ import logging
 
 import aiohttp
 
+from nexus import GenericAdapter, hookimpl
 from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
 from tests.fakes import chunk
 
@@ -244,3 +245,42 @@ async def test_every_request_ends_in_one_record_line(fake_backend: BackendFactor
     assert unary.backend == "fake" and unary.stream is False
     assert (streamed.outcome, streamed.stream) == ("success", True) and streamed.ttft_ms is not None
     assert cancelled.outcome == "cancelled"
+
+
+class MarkingAdapter(GenericAdapter):
+    """A translating adapter: tags every event it sees, and fails on the third when asked."""
+
+    type_name = "marking"
+    translates = True
+    fail_on_event = 0
+
+    def translate_event(self, endpoint: str, event: bytes) -> bytes:
+        MarkingAdapter.seen += 1
+        if MarkingAdapter.seen == self.fail_on_event:
+            raise ValueError("cannot translate")
+        return b": translated\n" + event
+
+    seen = 0
+
+
+class MarkingPlugin:
+    @hookimpl
+    def register_backend_types(self) -> list[type]:
+        return [MarkingAdapter]
+
+
+async def test_translating_adapter_sees_one_event_at_a_time(fake_backend: BackendFactory, nexus: NexusFactory,
+                                                            http: aiohttp.ClientSession) -> None:
+    backend = await fake_backend()
+    gw = await nexus({"backends": [{**backend_entry(backend), "type": "marking"}]},
+                     extra_plugins=[("marking", MarkingPlugin())])
+    MarkingAdapter.seen, MarkingAdapter.fail_on_event = 0, 0
+    async with http.post(f"{gw.url}/v1/chat/completions", json=STREAM) as resp:
+        body = await resp.read()
+    assert MarkingAdapter.seen == 5  # three chunks, the finish chunk, [DONE]
+    assert body.count(b": translated\n") == 5
+    MarkingAdapter.seen, MarkingAdapter.fail_on_event = 0, 3
+    async with http.post(f"{gw.url}/v1/chat/completions", json=STREAM) as resp:
+        body = await resp.read()
+    assert b"[DONE]" not in body
+    assert b"failed: cannot translate" in events(body)[-1]

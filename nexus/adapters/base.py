@@ -100,7 +100,9 @@ class BackendAdapter:
         return body
 
     def translate_event(self, endpoint: str, event: bytes) -> bytes:
-        """One SSE event (with its blank-line terminator). Identity unless ``translates``."""
+        """One SSE event, with its blank-line terminator (the last event of a stream that
+        ends without one comes without it). Identity unless ``translates``. Raising ends
+        the stream with an error event."""
         return event
 
 

@@ -136,6 +136,8 @@ class RoutingIntent:
         """
         before = len(self.candidates)
         self.candidates = [c for c in self.candidates if c.backend.id != backend_id]
+        if self.ranked:  # a stage after scheduling narrows the ranking too
+            self.ranked = [c for c in self.ranked if c.backend.id != backend_id]
         if len(self.candidates) != before:
             self.exclusions.append(
                 Exclusion(

@@ -31,7 +31,12 @@ class Pipeline:
         for reconciler in self.reconcilers:
             intent._stage = reconciler.name
             started = clock()
-            reconciler.reconcile(intent)
+            try:
+                reconciler.reconcile(intent)
+            except Exception:
+                # Fail closed: skipping a broken stage could route around a privacy or budget rule.
+                log.exception("Routing stage %s failed", reconciler.name)
+                raise NexusError(f"Routing stage '{reconciler.name}' failed; see the server log.") from None
             self.stage_seconds[reconciler.name] += clock() - started
             if not intent.candidates:
                 break
@@ -128,7 +133,8 @@ class Router:
             available = ", ".join(self.registry.model_ids()) or "No models available"
             return ModelNotFound(f"Model '{requested}' not found. Available: {available}", param="model")
         exclusions = [e for intent in tried for e in intent.exclusions]
-        if len(tried) == 1 and exclusions and all(e.kind == "capability" for e in exclusions):
+        if exclusions and all(e.kind == "capability" for e in exclusions) and all(
+                self.registry.backends_for(intent.model) for intent in tried):
             return self._capability_error(requested, primary)
         context: dict[str, object] = {
             "available_backends": sorted(b.id for b in self.registry.all() if b.healthy),
@@ -137,7 +143,7 @@ class Router:
             context["models_tried"] = [intent.model for intent in tried]
             message = f"No backend could serve '{requested}' or any of its fallbacks: {context['models_tried']}"
         else:
-            message = f"No healthy backend available for model '{requested}'"
+            message = f"No backend can serve model '{requested}' now"
         details = [
             {"backend": e.backend, "reconciler": e.reconciler, "reason": e.reason, "suggested_action": e.suggested_action}
             for e in exclusions
