@@ -45,6 +45,13 @@ def _fetch(url: str, path: str, *, method: str = "GET", body: Any = None, timeou
 
     An error answer becomes one line carrying the gateway's own error message.
     """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:  # e.g. an unclosed IPv6 bracket or a port that is not a number
+        valid = False
+    if not valid:
+        raise CliError(f"--url {url!r} is invalid: expected an http:// or https:// URL such as {DEFAULT_URL}")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     target = url.rstrip("/") + path
     data = None if body is None else json.dumps(body).encode()
@@ -252,8 +259,8 @@ def config_init(output: str, force: bool) -> None:
 
 
 @config_group.command("check")
-@click.option("-c", "--config", "config_path", default="nexus.toml", show_default=True,
-              type=click.Path(dir_okay=False))
+@click.option("-c", "--config", "config_path", default="nexus.toml", show_default=True, envvar="NEXUS_CONFIG",
+              type=click.Path(dir_okay=False), help="Config file [env NEXUS_CONFIG].")
 def config_check(config_path: str) -> None:
     """Validate a config file (keys, values, installed backend types)."""
     try:

@@ -143,6 +143,9 @@ def read_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text (line {line})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
 
@@ -223,7 +226,8 @@ def _walk(raw: Any, raw_path: str) -> tuple[list[str | int], Any, Any]:
         else:
             args = getattr(declared, "__args__", None)
             declared = args[1] if args and len(args) == 2 else Any
-            bad = next((k for k, v in node.items() if not _converts(v, declared)), None) if isinstance(node, dict) else None
+            entries = node.items() if isinstance(node, dict) else ()
+            bad = next((k for k, v in entries if not _converts(v, declared)), None)
             parts.append("..." if bad is None else bad)
             node = None if bad is None else node[bad]
     return parts, declared, node
@@ -307,6 +311,9 @@ def validate(config: Config, source: str = "config", origins: Mapping[str, str] 
     s = config.server
     port_source = (origins or {}).get("server.port", source)
     _check(0 < s.port < 65536, port_source, "server.port", s.port, "expected a port 1-65535")
+    # An empty host would make the server bind every interface: say 0.0.0.0 to mean that.
+    _check(bool(s.host.strip()), (origins or {}).get("server.host", source), "server.host", s.host,
+           "expected an address such as 127.0.0.1, or 0.0.0.0 for every interface")
     _check(s.request_timeout_seconds > 0, source, "server.request_timeout_seconds", s.request_timeout_seconds, "expected > 0")
     _check(
         s.stream_idle_timeout_seconds > 0,

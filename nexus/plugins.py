@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -49,7 +50,12 @@ class PluginHost:
     held: list[tuple[str, str]] | None = None
 
     def report(self, plugin_name: str, message: str) -> None:
-        """Record a plugin problem once (accessors may run more than once) and log it."""
+        """Record a plugin problem once (accessors may run more than once) and log it.
+
+        Multi-line messages (pluggy's validation errors) become one line: one log line per
+        event, one table row per plugin.
+        """
+        message = "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
         errors = self.plugins.setdefault(plugin_name, PluginInfo(plugin_name, "?", "?")).errors
         if message in errors:
             return
@@ -65,18 +71,28 @@ class PluginHost:
         for plugin_name, message in held:
             log.error("plugin %s: %s", plugin_name, message)
 
-    def _results(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call a hook implementation by implementation, so one failure skips only its plugin."""
+    def _results(self, hook_name: str, *, many: bool = True, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call a hook implementation by implementation, so one failure skips only its plugin.
+
+        With ``many`` the hook must return a list (or tuple); anything else is reported.
+        """
         results: list[tuple[str, Any]] = []
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             name = self.pm.get_name(impl.plugin) or "?"
+            if inspect.iscoroutinefunction(impl.function):
+                self.report(name, f"{hook_name} must be a plain function, not async (hooks run once, at start-up)")
+                continue
             try:
                 result = impl.function(**{k: kwargs[k] for k in impl.argnames})
             except Exception as exc:  # a broken plugin is reported and skipped
                 self.report(name, f"{hook_name} failed: {type(exc).__name__}: {exc}")
                 continue
-            if result is not None:
-                results.append((name, result))
+            if result is None:
+                continue
+            if many and not isinstance(result, list | tuple):
+                self.report(name, f"{hook_name} returned {result!r}, expected a list")
+                continue
+            results.append((name, result))
         return results
 
     def backend_types(self) -> dict[str, type[BackendAdapter]]:
@@ -115,10 +131,20 @@ class PluginHost:
         return sorted(built, key=lambda r: (r.order, r.name))
 
     def add_commands(self, cli: click.Group) -> None:
-        self._results("register_commands", cli=cli)
+        self._results("register_commands", many=False, cli=cli)
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [route for _, routes in self._results("register_routes") for route in routes]
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        """Add each plugin's routes to ``router``; a route that cannot be added (for example
+        one that clashes with a built-in route) is reported and skipped, never a crash."""
+        for name, routes in self._results("register_routes"):
+            for route in routes:
+                try:
+                    route.register(router)
+                except Exception as exc:
+                    self.report(name, f"route {route!r} skipped: {exc}")
 
 
 def _hook_names(pm: pluggy.PluginManager, plugin: object) -> list[str]:
@@ -129,7 +155,8 @@ def _unknown_hook(exc: pluggy.PluginValidationError, pm: pluggy.PluginManager) -
     """The validation error, with the nearest hook name when it looks like a typo."""
     unknown = [name for name in _hook_names(pm, exc.plugin) if not getattr(pm.hook, name).has_spec()]
     known = [name for name, caller in vars(pm.hook).items() if caller.has_spec()]
-    hints = [f"; did you mean '{close[0]}'?" for name in unknown if (close := difflib.get_close_matches(name, known, 1))]
+    hints = [f"; did you mean '{close[0]}'?"
+             for name in unknown if (close := difflib.get_close_matches(name, known, 1))]
     return f"implements an unknown hook: {exc}" + "".join(hints)
 
 
@@ -152,27 +179,42 @@ def create_host(
     host = PluginHost(pm, {}, [] if defer_log else None)
     pm.register(builtins, name="builtin")
     host.plugins["builtin"] = PluginInfo("builtin", __version__, "nexus-orchestrator", _hook_names(pm, builtins))
-    candidates: list[tuple[str, object]] = list(extra or [])
+    candidates: list[tuple[str, object]] = []
+
+    def claim(info: PluginInfo) -> bool:
+        """A second plugin of the same name is skipped (and said so), never a silent replacement."""
+        if info.name in host.plugins:
+            host.report(info.name, f"{info.source} {info.version} also provides a plugin named "
+                                   f"'{info.name}'; that one was skipped")
+            return False
+        host.plugins[info.name] = info
+        return True
+
+    for name, plugin in extra or []:
+        if claim(PluginInfo(name, getattr(plugin, "__version__", "?"), "in-process")):
+            candidates.append((name, plugin))
     if load_entry_points:
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else "?"
+            if not claim(PluginInfo(ep.name, version, dist)):
+                continue
             try:
                 module: ModuleType | object = ep.load()
             except Exception as exc:  # broken plugin: logged, listed, skipped
-                host.plugins[ep.name] = PluginInfo(ep.name, version, dist)
                 host.report(ep.name, f"failed to load {ep.value} from {dist} {version}: {type(exc).__name__}: {exc}")
                 continue
             candidates.append((ep.name, module))
-            host.plugins[ep.name] = PluginInfo(ep.name, version, dist)
     for name, plugin in candidates:
-        info = host.plugins.setdefault(name, PluginInfo(name, getattr(plugin, "__version__", "?"), "in-process"))
         try:
             pm.register(plugin, name=name)
         except Exception as exc:
             host.report(name, f"failed to register: {exc}")
             continue
-        info.hooks = _hook_names(pm, plugin)
+        host.plugins[name].hooks = _hook_names(pm, plugin)
+        if not host.plugins[name].hooks:
+            host.report(name, "implements no nexus hooks (does the entry point name the module "
+                              "that holds the @hookimpl functions?)")
     while True:
         try:
             pm.check_pending()
