@@ -135,7 +135,7 @@ def create_app(
     app = web.Application(middlewares=[request_middleware], client_max_size=config.server.max_body_bytes)
     app[api.GATEWAY] = gateway
     app.add_routes(api.ROUTES)
-    app.add_routes(host.routes())
+    host.add_routes(app.router)
     run_health = config.health_check.enabled if health_check is None else health_check
     run_discovery = config.discovery.enabled if discovery is None else discovery
 

@@ -71,8 +71,8 @@ class Gateway:
             self._spawn(self.health.run(), "health checker")
         if discovery:
             self.sink = DiscoverySink(self.registry, self.config, self.build_backend, self._on_discovered)
-            for source_cls in self.host.discovery_sources():
-                self._start_source(source_cls)
+            for plugin_name, source_cls in self.host.discovery_sources():
+                self._start_source(plugin_name, source_cls)
 
     async def stop(self) -> None:
         if self.proxy is not None:
@@ -95,12 +95,12 @@ class Gateway:
         if not task.cancelled() and task.exception() is not None:
             log.error("%s stopped: %r", what, task.exception())
 
-    def _start_source(self, source_cls: type) -> None:
+    def _start_source(self, plugin_name: str, source_cls: type) -> None:
         name = getattr(source_cls, "name", source_cls.__name__)
         try:
-            source = source_cls(self.config, self.config.plugins.get(name, {}))
+            source = source_cls(self.config, self.config.plugins.get(plugin_name, {}))
         except Exception as exc:
-            self.host.report(name, f"discovery source failed to start: {exc}")
+            self.host.report(plugin_name, f"discovery source {name} failed to start: {exc}")
             return
         assert self.sink is not None
         self._spawn(source.run(self.sink), f"discovery source {name}")
@@ -151,7 +151,7 @@ class Gateway:
                 self.session,
                 api_key=api_key,
                 probe_timeout=self.config.health_check.timeout_seconds,
-                settings=self.config.plugins.get(spec.type, {}),
+                settings=self.config.plugins.get(self.host.type_plugins.get(spec.type, spec.type), {}),
             )
         except Exception as exc:
             log.warning("Skipping backend %s: adapter %s failed: %s", backend_id, spec.type, exc)

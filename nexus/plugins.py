@@ -48,6 +48,8 @@ class PluginHost:
     plugins: dict[str, PluginInfo]
     # Reports held back until logging is configured (see create_host(defer_log=True)).
     held: list[tuple[str, str]] | None = None
+    # backend type -> the plugin that registered it (whose [plugins.<name>] it reads)
+    type_plugins: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def report(self, plugin_name: str, message: str) -> None:
         """Record a plugin problem once (accessors may run more than once) and log it.
@@ -107,10 +109,12 @@ class PluginHost:
                     self.report(name, f"backend type '{cls.type_name}' is already registered; skipped")
                 else:
                     types[cls.type_name] = cls
+                    self.type_plugins[cls.type_name] = name
         return types
 
-    def discovery_sources(self) -> list[type[DiscoverySource]]:
-        return [cls for _, classes in self._results("register_discovery_sources") for cls in classes]
+    def discovery_sources(self) -> list[tuple[str, type[DiscoverySource]]]:
+        """``(plugin name, source class)`` pairs; a source reads ``[plugins.<plugin name>]``."""
+        return [(name, cls) for name, classes in self._results("register_discovery_sources") for cls in classes]
 
     def reconcilers(self, context: ReconcilerContext) -> list[Reconciler]:
         """Build the reconcilers; a class gets the context with its plugin's ``[plugins.<name>]``."""
@@ -139,10 +143,16 @@ class PluginHost:
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Add each plugin's routes to ``router``; a route that cannot be added (for example
         one that clashes with a built-in route) is reported and skipped, never a crash."""
+        taken = {(r.method, r.resource.canonical) for r in router.routes() if r.resource is not None}
         for name, routes in self._results("register_routes"):
             for route in routes:
+                key = (getattr(route, "method", None), getattr(route, "path", None))
+                if key in taken or ("GET", key[1]) in taken and key[0] == "HEAD":
+                    self.report(name, f"route {key[0]} {key[1]} skipped: it clashes with an existing route")
+                    continue
                 try:
                     route.register(router)
+                    taken.add(key)
                 except Exception as exc:
                     self.report(name, f"route {route!r} skipped: {exc}")
 

@@ -1,4 +1,4 @@
-"""A plugin with one route that clashes with a built-in one and one that does not."""
+"""A plugin with two routes that clash with built-in ones and one that does not."""
 
 from __future__ import annotations
 
@@ -13,4 +13,4 @@ async def _handler(request: web.Request) -> web.Response:
 
 @hookimpl
 def register_routes() -> list[web.RouteDef]:
-    return [web.get("/health", _handler), web.get("/clash/ok", _handler)]
+    return [web.get("/health", _handler), web.get("/v1/models", _handler), web.get("/clash/ok", _handler)]
