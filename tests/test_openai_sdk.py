@@ -8,6 +8,7 @@ import openai
 import pytest
 
 from tests.conftest import BackendFactory, NexusFactory, backend_entry
+from tests.plugins.support import serve_nexus, wait_for_health
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 
@@ -65,3 +66,17 @@ async def test_sdk_embeddings(fake_backend: BackendFactory, nexus: NexusFactory)
     async with openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0) as client:
         result = await client.embeddings.create(model="text-embed-small", input=["a", "b"], encoding_format="float")
     assert [d.embedding for d in result.data] == [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]
+
+
+async def test_sdk_streams_a_chat_through_nexus_serve(fake_backend: BackendFactory, tmp_path) -> None:
+    """The whole product: the console script, a config file, a backend, the SDK streaming."""
+    backend = await fake_backend(models=["llama3"])
+    config = tmp_path / "nexus.toml"
+    config.write_text(f'[[backends]]\nname = "lab"\nurl = "{backend.url}/v1"\ntype = "generic"\n')
+    async with serve_nexus("-c", str(config), cwd=tmp_path) as served:
+        await wait_for_health(served.url, healthy_backends=1)
+        async with openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0) as client:
+            stream = await client.chat.completions.create(model="llama3", messages=MESSAGES, stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream])
+    assert text == "Hello!"
+    assert backend.chats[0].json()["stream"] is True
