@@ -98,9 +98,11 @@ class RequestRecord:
         self.route_reason = attempt.intent.route_reason
 
     def log(self) -> None:
+        level = logging.INFO if self.outcome in ("success", "cancelled") else logging.WARNING
+        if not log.isEnabledFor(level):
+            return
         fields = {k: getattr(self, k) for k in self.__slots__ if k != "started" and getattr(self, k) is not None}
         fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 1)
-        level = logging.INFO if self.outcome in ("success", "cancelled") else logging.WARNING
         log.log(level, "%s %s -> %s %s", self.endpoint, self.model, self.status, self.outcome, extra=fields)
 
 

@@ -73,7 +73,9 @@ class RoutePlan:
                 yield Attempt(candidate, intent.model, intent, fallback)
             intent = None
             while rest and intent is None:
-                next_intent = self._router.evaluate(self.first, rest.pop(0))
+                first = self.first
+                next_intent = self._router.evaluate(first.requested_model, rest.pop(0), first.requirements,
+                                                    first.request_id, first.headers)
                 if next_intent.ranked:
                     intent, fallback = next_intent, True
 
@@ -84,15 +86,16 @@ class Router:
         self.pipeline = pipeline
         self.config = config
 
-    def evaluate(self, template: RoutingIntent, model: str) -> RoutingIntent:
-        """Run the pipeline for ``model`` with the request of ``template``."""
+    def evaluate(self, requested: str, model: str, requirements: Requirements, request_id: str,
+                 headers: Mapping[str, str] | None) -> RoutingIntent:
+        """Run the pipeline for ``model`` (the alias-resolved or a fallback model)."""
         intent = RoutingIntent(
-            request_id=template.request_id,
-            requested_model=template.requested_model,
+            request_id=request_id,
+            requested_model=requested,
             model=model,
-            requirements=template.requirements,
+            requirements=requirements,
             candidates=[Candidate(b, b.models[model]) for b in self.registry.backends_for(model)],
-            headers=template.headers,
+            headers=headers,
         )
         if intent.candidates:
             self.pipeline.run(intent)
@@ -108,18 +111,10 @@ class Router:
     ) -> RoutePlan:
         """Route a request, or raise the error that explains why it cannot be routed."""
         model = resolve_alias(self.config.aliases, requested)
-        template = RoutingIntent(
-            request_id=request_id,
-            requested_model=requested,
-            model=model,
-            requirements=requirements,
-            candidates=[],
-            headers=headers,
-        )
         chain = [model, *self.config.fallbacks.get(model, [])]
         tried: list[RoutingIntent] = []
         for i, candidate_model in enumerate(chain):
-            intent = self.evaluate(template, candidate_model)
+            intent = self.evaluate(requested, candidate_model, requirements, request_id, headers)
             if intent.ranked:
                 if i:
                     log.warning("Using fallback model %s for %s", candidate_model, requested)
