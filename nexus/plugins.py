@@ -49,7 +49,8 @@ class PluginHost:
     # Reports held back until logging is configured (see create_host(defer_log=True)).
     held: list[tuple[str, str]] | None = None
     # backend type -> the plugin that registered it (whose [plugins.<name>] it reads)
-    type_plugins: dict[str, str] = dataclasses.field(default_factory=dict)
+    type_plugins: dict[str, str] = field(default_factory=dict)
+    _types: dict[str, type[BackendAdapter]] | None = None
 
     def report(self, plugin_name: str, message: str) -> None:
         """Record a plugin problem once (accessors may run more than once) and log it.
@@ -98,6 +99,12 @@ class PluginHost:
         return results
 
     def backend_types(self) -> dict[str, type[BackendAdapter]]:
+        """Adapter classes by type name (the hook runs once; the CLI and the gateway share it)."""
+        if self._types is None:
+            self._types = self._collect_backend_types()
+        return self._types
+
+    def _collect_backend_types(self) -> dict[str, type[BackendAdapter]]:
         from nexus.adapters.base import BackendAdapter
 
         types: dict[str, type[BackendAdapter]] = {}
