@@ -3,7 +3,7 @@
 The public plugin API is importable from here.
 """
 
-from nexus.adapters.base import BackendAdapter, ProbeFailed
+from nexus.adapters.base import BackendAdapter, BackendLoading, ProbeFailed, UnsupportedOperation
 from nexus.adapters.generic import GenericAdapter
 from nexus.discovery import DiscoveredEndpoint, DiscoverySink, DiscoverySource
 from nexus.hookspecs import hookimpl
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendAdapter",
+    "BackendLoading",
     "Candidate",
     "DiscoveredEndpoint",
     "DiscoverySink",
@@ -25,6 +26,7 @@ __all__ = [
     "ReconcilerContext",
     "Requirements",
     "RoutingIntent",
+    "UnsupportedOperation",
     "__version__",
     "hookimpl",
 ]

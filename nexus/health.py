@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 
-from nexus.adapters.base import ProbeFailed
+from nexus.adapters.base import BackendLoading, ProbeFailed
 from nexus.config import HealthCheckConfig
 from nexus.registry import Backend, ModelInfo, Registry, Status
 
@@ -42,6 +42,9 @@ class HealthChecker:
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
                 models = await backend.adapter.probe()
+        except BackendLoading as exc:
+            backend.consecutive_failures = backend.consecutive_successes = 0
+            backend.set_status(Status.LOADING, str(exc))
         except ProbeFailed as exc:
             self._failure(backend, str(exc))
         except TimeoutError:
@@ -58,7 +61,7 @@ class HealthChecker:
         backend.consecutive_successes = 0
         backend.consecutive_failures += 1
         backend.last_error = error
-        if backend.status is Status.UNKNOWN or (
+        if backend.status in (Status.UNKNOWN, Status.LOADING) or (
             backend.status is Status.HEALTHY and backend.consecutive_failures >= self.config.failure_threshold
         ):
             backend.set_status(Status.UNHEALTHY, error)
@@ -73,7 +76,8 @@ class HealthChecker:
             listed = {m.id for m in models}
             self.registry.set_models(backend, models + [m for m in configured if m.id not in listed])
         if backend.status is not Status.HEALTHY and (
-            backend.status is Status.UNKNOWN or backend.consecutive_successes >= self.config.recovery_threshold
+            backend.status in (Status.UNKNOWN, Status.LOADING)
+            or backend.consecutive_successes >= self.config.recovery_threshold
         ):
             backend.set_status(Status.HEALTHY)
         elif backend.status is Status.HEALTHY:

@@ -19,6 +19,7 @@ class Status(str, enum.Enum):
     UNKNOWN = "unknown"
     HEALTHY = "healthy"
     UNHEALTHY = "unhealthy"
+    LOADING = "loading"  # up, but still loading its model: not routed to, not counted as down
     DRAINING = "draining"
 
 
@@ -31,6 +32,7 @@ class ModelInfo(msgspec.Struct, kw_only=True, frozen=True):
     tools: bool = False
     json_mode: bool = False
     embeddings: bool = False
+    loaded: bool = True  # False: listed but not in memory (served after a load; ranked below loaded ones)
 
 
 class Backend:

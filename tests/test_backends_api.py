@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
 
 
 async def test_add_route_and_remove_a_backend_at_runtime(fake_backend: BackendFactory, nexus: NexusFactory,

@@ -16,8 +16,8 @@ from importlib import resources
 from pathlib import Path
 
 from nexus import __version__
-from tests.conftest import BackendFactory
-from tests.fakes import free_port
+from nexus.testing import BackendFactory
+from nexus.testing import free_port
 from tests.plugins.support import (
     Result,
     nexus_env,

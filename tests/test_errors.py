@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
 
 
 def assert_envelope(payload: dict[str, Any], *, type_: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import aiohttp
 
 from nexus.discovery import DiscoveredEndpoint, readable_id
 from nexus.registry import Status
-from tests.conftest import BackendFactory, NexusFactory, backend_entry
+from nexus.testing import BackendFactory, NexusFactory, backend_entry
 
 
 async def test_first_success_makes_backend_healthy_with_its_models(fake_backend: BackendFactory,

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from nexus import config as config_mod, logs
-from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from tests.conftest import BackendFactory, NexusFactory, backend_entry
+from nexus.testing import BackendFactory, NexusFactory, backend_entry
 from tests.plugins.support import serve_nexus, wait_for_health
 
 MESSAGES = [{"role": "user", "content": "Hi"}]

@@ -25,7 +25,7 @@ from nexus.gateway import Gateway
 from nexus.plugins import PluginHost, create_host
 from nexus.registry import Registry
 from nexus.routing.intent import ReconcilerContext
-from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
 from tests.plugins import clashing_route, good, misbehaving, raising, typo, wrong_args
 from tests.plugins.support import fake_distribution, nexus_env, run_nexus, run_nexus_async, serve_nexus
 

@@ -6,8 +6,8 @@ import json
 
 import aiohttp
 
-from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
-from tests.fakes import completion
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
+from nexus.testing import completion
 
 VISION = "test-vision-model"
 RAW_BODY = (

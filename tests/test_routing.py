@@ -15,7 +15,7 @@ from nexus.routing.analysis import RequestAnalysis
 from nexus.routing.intent import ReconcilerContext, Requirements, RoutingIntent
 from nexus.routing.router import Pipeline, Router
 from nexus.routing.scheduling import Scheduling, smart_score
-from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
 
 
 def make_registry(*specs: tuple[str, int], model: str = "m", status: Status = Status.HEALTHY) -> Registry:

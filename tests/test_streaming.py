@@ -10,8 +10,8 @@ import logging
 import aiohttp
 
 from nexus import GenericAdapter, hookimpl
-from tests.conftest import CHAT, BackendFactory, NexusFactory, backend_entry
-from tests.fakes import chunk
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
+from nexus.testing import chunk
 
 STREAM = {**CHAT, "stream": True}
 

@@ -22,6 +22,17 @@ class ProbeFailed(Exception):
     """The backend did not answer its health probe correctly (counts as a failure)."""
 
 
+class BackendLoading(ProbeFailed):
+    """The backend is up but still loading its model (llama.cpp answers 503 on ``/health``).
+
+    The backend is marked ``loading``: not routed to, and not counted as a failure.
+    """
+
+
+class UnsupportedOperation(Exception):
+    """The backend type cannot do this (e.g. load or unload a model)."""
+
+
 class BackendAdapter:
     """Base class of every adapter. One instance per backend, built once at registration.
 
@@ -74,6 +85,18 @@ class BackendAdapter:
     def describe_model(self, model_id: str) -> ModelInfo:
         """Capabilities of a model the config names (``models``) or the backend lists bare."""
         return model_from_name(model_id, embedding=model_id in self.spec.embedding_models)
+
+    async def resource_usage(self) -> dict[str, object]:
+        """What the backend uses now (loaded models, memory). Optional."""
+        raise UnsupportedOperation(f"{self.type_name} backends do not report resource usage")
+
+    async def load_model(self, model: str) -> None:
+        """Load ``model`` into memory. Optional."""
+        raise UnsupportedOperation(f"{self.type_name} backends cannot load models on request")
+
+    async def unload_model(self, model: str) -> None:
+        """Unload ``model`` from memory. Optional."""
+        raise UnsupportedOperation(f"{self.type_name} backends cannot unload models on request")
 
     # -- proxying ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from nexus.config import WeightsConfig
+from nexus.registry import Status
 from nexus.routing.intent import Candidate, ReconcilerContext, RoutingIntent
 
 
@@ -49,10 +50,11 @@ class Scheduling:
         for candidate in intent.candidates[:]:
             backend = candidate.backend
             if not backend.healthy:
+                loading = backend.status is Status.LOADING
                 intent.exclude(
                     candidate.id,
-                    f"Backend unhealthy: {candidate.status}",
-                    "Wait for the backend to recover or check its logs",
+                    "Backend is loading its model" if loading else f"Backend unhealthy: {candidate.status}",
+                    "Retry shortly" if loading else "Wait for the backend to recover or check its logs",
                     kind="unavailable",
                 )
             elif backend.retry_after_until and backend.retry_after_until > (now := now or time.monotonic()):
@@ -70,7 +72,10 @@ class Scheduling:
             intent.ranked = list(survivors)
             intent.route_reason = "only_healthy_backend"
             return
-        intent.ranked, intent.route_reason = self._rank(survivors)
+        ranked, intent.route_reason = self._rank(survivors)
+        if not all(c.model.loaded for c in ranked):  # models in memory first (stable within each group)
+            ranked = [c for c in ranked if c.model.loaded] + [c for c in ranked if not c.model.loaded]
+        intent.ranked = ranked
 
     def _smart(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
         weights = self.weights

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.fakes import free_port
+from nexus.testing import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0

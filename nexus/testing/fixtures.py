@@ -1,4 +1,9 @@
-"""Shared fixtures: fake backends and an in-process Nexus on random ports."""
+"""Pytest fixtures for Nexus and its plugins: fake backends and an in-process Nexus.
+
+Registered as a pytest plugin (entry point ``pytest11``), so the core's tests, each
+backend plugin's tests and third-party plugins' tests all use the same fixtures:
+``fake_backend``, ``nexus`` and ``http``.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from nexus.api import GATEWAY
 from nexus.app import NexusRunner, create_app
 from nexus.gateway import Gateway
 from nexus.plugins import create_host
-from tests.fakes import FakeBackend
+from nexus.testing.fakes import FakeBackend
 
 
 @dataclass
