@@ -90,12 +90,7 @@ class FakeBackend:
 
     async def start(self, port: int = 0) -> FakeBackend:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.add_routes([
-            web.get("/v1/models", self._models),
-            web.post("/v1/chat/completions", self._generate),
-            web.post("/v1/completions", self._generate),
-            web.post("/v1/embeddings", self._embeddings),
-        ])
+        app.add_routes(self.routes())
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -103,6 +98,19 @@ class FakeBackend:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{self.port}"
         return self
+
+    def routes(self) -> list[web.RouteDef]:
+        """The OpenAI endpoints; fakes of other backends add their native ones."""
+        return [
+            web.get("/v1/models", self._models),
+            web.post("/v1/chat/completions", self._generate),
+            web.post("/v1/completions", self._generate),
+            web.post("/v1/embeddings", self._embeddings),
+        ]
+
+    def model_entry(self, model: str) -> dict[str, Any]:
+        """One ``/v1/models`` entry (fakes of other backends add their own fields)."""
+        return {"id": model, "object": "model", "created": 1, "owned_by": self.name}
 
     async def stop(self) -> None:
         self.release.set()
@@ -113,7 +121,7 @@ class FakeBackend:
         self.received.append(Received("GET", request.path, CIMultiDict(request.headers), b""))
         if self.models_body is not None:
             return web.Response(body=self.models_body, status=self.models_status, content_type="application/json")
-        data = [{"id": m, "object": "model", "created": 1, "owned_by": self.name} for m in self.models]
+        data = [self.model_entry(m) for m in self.models]
         return web.json_response({"object": "list", "data": data}, status=self.models_status)
 
     async def _misbehave(self, request: web.Request) -> web.StreamResponse | None:
