@@ -30,10 +30,12 @@ def make_registry(*specs: tuple[str, int], model: str = "m", status: Status = St
     return registry
 
 
-def make_router(registry: Registry, **routing: object) -> Router:
+def make_router(registry: Registry, *extra_stages: object, **routing: object) -> Router:
+    """A router with the built-in stages (request analysis, scheduling) plus ``extra_stages``."""
     config = config_mod.build({"routing": routing})
     context = ReconcilerContext(config=config, registry=registry)
-    return Router(registry, Pipeline([Scheduling(context), RequestAnalysis(context)]), config.routing)
+    stages = [Scheduling(context), RequestAnalysis(context), *extra_stages]
+    return Router(registry, Pipeline(stages), config.routing)  # type: ignore[arg-type]
 
 
 def ranked_names(router: Router, model: str = "m", requirements: Requirements | None = None) -> list[str]:
@@ -148,10 +150,7 @@ class ExcludeEverything:
 
 
 def test_exclusions_are_final_and_recorded_with_their_stage() -> None:
-    registry = make_registry(("a", 1))
-    config = config_mod.build({})
-    context = ReconcilerContext(config=config, registry=registry)
-    router = Router(registry, Pipeline([Scheduling(context), ExcludeEverything()]), config.routing)
+    router = make_router(make_registry(("a", 1)), ExcludeEverything())
     with pytest.raises(Exception) as caught:
         router.plan("m", Requirements(), request_id="t")
     assert caught.value.status == 503  # type: ignore[attr-defined]
@@ -197,10 +196,7 @@ class LateStage:
 
 
 def test_a_failing_stage_fails_closed_with_a_clear_error() -> None:
-    registry = make_registry(("a", 1))
-    config = config_mod.build({})
-    context = ReconcilerContext(config=config, registry=registry)
-    router = Router(registry, Pipeline([Scheduling(context), Broken()]), config.routing)
+    router = make_router(make_registry(("a", 1)), Broken())
     with pytest.raises(Exception) as caught:
         router.plan("m", Requirements(), request_id="t")
     assert caught.value.status == 500  # type: ignore[attr-defined]
@@ -208,8 +204,5 @@ def test_a_failing_stage_fails_closed_with_a_clear_error() -> None:
 
 
 def test_a_stage_after_scheduling_narrows_the_ranking() -> None:
-    registry = make_registry(("a", 1), ("b", 2))
-    config = config_mod.build({})
-    context = ReconcilerContext(config=config, registry=registry)
-    router = Router(registry, Pipeline([Scheduling(context), LateStage()]), config.routing)
+    router = make_router(make_registry(("a", 1), ("b", 2)), LateStage())
     assert [c.name for c in router.plan("m", Requirements(), request_id="t").first.ranked] == ["b"]
