@@ -124,7 +124,7 @@ class Gateway:
             spec = BackendConfig(name="probe", url=url, type=adapter_cls.type_name)
             adapter = adapter_cls(spec, self.session, probe_timeout=min(2.0, self.config.health_check.timeout_seconds))
             try:
-                if await adapter.probe() is not None:
+                if await adapter.identify():
                     return adapter_cls.type_name
             except Exception as exc:  # any failure just means "not this type"
                 log.debug("%s is not a %s backend: %s", url, adapter_cls.type_name, exc)

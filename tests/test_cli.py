@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from nexus import __version__
+from nexus.plugins import create_host
 from nexus.testing import BackendFactory
 from nexus.testing import free_port
 from tests.plugins.support import (
@@ -103,8 +104,8 @@ CHECK_CASES: dict[str, tuple[str | None, list[str]]] = {
     "unknown-key": ("[server]\nprot = 1\n",
                     ["nexus.toml: unknown config key 'server.prot'", "allowed here: host, port"]),
     "bad-toml": ("[server\n", ["nexus.toml: invalid TOML"]),
-    "type-not-installed": ('[[backends]]\nname = "a"\nurl = "http://127.0.0.1:1"\ntype = "ollama"\n',
-                           ["backends[0].type = 'ollama'", "install the plugin nexus-plugin-ollama"]),
+    "type-not-installed": ('[[backends]]\nname = "a"\nurl = "http://127.0.0.1:1"\ntype = "kobold"\n',
+                           ["backends[0].type = 'kobold'", "install the plugin nexus-plugin-kobold"]),
     "missing-file": (None, ["nexus.toml: config file not found"]),
 }
 
@@ -151,14 +152,15 @@ async def test_plugins_lists_the_builtin_plugin(tmp_path: Path) -> None:
 
 # -- serve: start-up errors ---------------------------------------------------------------
 
+INSTALLED_TYPES = ", ".join(sorted(create_host().backend_types()))  # the plugins of this environment
 BACKEND = '[[backends]]\nname = "a"\nurl = "http://127.0.0.1:11434"\ntype = "{type}"\n'
 SERVE_CASES: dict[str, tuple[str | None, list[str], dict[str, str], str]] = {
     # case: (nexus.toml, serve arguments, environment, the whole stderr line)
     "bad-config": (BACKEND.format(type="generic") + 'zone = "Secret"\n', [], {},
                    "Error: nexus.toml: backends[0].zone = 'Secret' is invalid: expected 'restricted' or 'open'"),
-    "uninstalled-type": (BACKEND.format(type="ollama"), [], {},
-                         "Error: backends[0].type = 'ollama' is not an installed backend type (installed: generic); "
-                         "install the plugin nexus-plugin-ollama"),
+    "uninstalled-type": (BACKEND.format(type="kobold"), [], {},
+                         "Error: backends[0].type = 'kobold' is not an installed backend type "
+                         f"(installed: {INSTALLED_TYPES}); install the plugin nexus-plugin-kobold"),
     "missing-env-file": (None, [], {"NEXUS_CONFIG": "gone.toml"}, "Error: gone.toml: config file not found"),
     "port-abc": (None, [], {"NEXUS_PORT": "abc"},
                  "Error: environment NEXUS_PORT='abc' is invalid: expected an integer"),

@@ -82,6 +82,12 @@ class BackendAdapter:
         """
         raise NotImplementedError
 
+    async def identify(self) -> bool:
+        """Whether the server at ``base_url`` is of this type (``nexus backends add`` without
+        ``--type``). The default accepts any server whose probe succeeds; an adapter whose
+        probe also accepts other servers (a fallback path) must answer more strictly."""
+        return await self.probe() is not None
+
     def describe_model(self, model_id: str) -> ModelInfo:
         """Capabilities of a model the config names (``models``) or the backend lists bare."""
         return model_from_name(model_id, embedding=model_id in self.spec.embedding_models)
