@@ -33,6 +33,10 @@ def check_backend_types(config: Config, types: Mapping[str, type[BackendAdapter]
                 f"backends[{i}].type = {spec.type!r} is not an installed backend type "
                 f"(installed: {installed}); install the plugin nexus-plugin-{spec.type}"
             )
+        try:
+            types[spec.type].check_spec(spec)
+        except ValueError as exc:
+            raise ConfigError(f"backends[{i}] ({spec.name}): {exc}") from None
 
 
 class Gateway:
@@ -122,8 +126,8 @@ class Gateway:
         ordered = sorted(self.adapter_types.values(), key=lambda cls: cls.type_name == "generic")
         for adapter_cls in ordered:
             spec = BackendConfig(name="probe", url=url, type=adapter_cls.type_name)
-            adapter = adapter_cls(spec, self.session, probe_timeout=min(2.0, self.config.health_check.timeout_seconds))
             try:
+                adapter = adapter_cls(spec, self.session, probe_timeout=min(2.0, self.config.health_check.timeout_seconds))
                 if await adapter.identify():
                     return adapter_cls.type_name
             except Exception as exc:  # any failure just means "not this type"

@@ -225,6 +225,11 @@ class Proxy:
                 backend.retry_after_until = time.monotonic() + retry_after
                 log.warning("Backend %s asked to wait %gs (HTTP %d)", backend.id, retry_after, status)
             raise _Failed(BadGateway(f"Backend returned {status}: {text}"))
+        if status in (401, 403) and attempt.candidate.backend.adapter.api_key:
+            # Nexus's own configured key was refused: not the client's fault, and the body
+            # may quote part of that key. Try elsewhere; never pass it through.
+            raise _Failed(BadGateway(f"Backend {attempt.candidate.backend.id} rejected the key configured "
+                                     f"for it (HTTP {status}); check its api_key_env"))
         record.status = status
         headers = nexus_headers(attempt, record.retries)
         try:
@@ -252,18 +257,14 @@ class Proxy:
                   record: RequestRecord) -> web.Response:
         if resp.status >= 300:
             return self._error_response(attempt, resp, data, record)
-        try:
-            usage = _validate_json(data).usage
-        except msgspec.ValidationError:
-            usage = None  # valid JSON of an unexpected shape: the client's SDK will judge it
-        except msgspec.DecodeError as exc:
-            raise _Failed(BadGateway(f"Invalid backend response: {exc}")) from None
-        if usage is not None:
-            record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-        record.status, record.outcome = resp.status, "success"
+        usage = _usage(data)
         adapter = attempt.candidate.backend.adapter
         if adapter.translates:
             data = adapter.translate_response(record.endpoint, data)
+            usage = _usage(data)  # the client's view: the translated body carries the OpenAI usage
+        if usage is not None:
+            record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        record.status, record.outcome = resp.status, "success"
         headers = nexus_headers(attempt, record.retries)
         headers["Content-Type"] = resp.headers.get("Content-Type", "application/json")
         return web.Response(body=data, status=resp.status, headers=headers)
@@ -376,6 +377,16 @@ def _event_translator(adapter: BackendAdapter, endpoint: str) -> Callable[[bytes
 def _split_events(chunk: bytes) -> list[bytes]:
     """Complete SSE events with their terminators (``\n\n`` or ``\r\n\r\n``)."""
     return [event for m in _EVENT.finditer(chunk) if (event := m.group(0))]
+
+
+def _usage(data: bytes) -> _Usage | None:
+    """The ``usage`` of a JSON body; raises a retryable failure when the body is not JSON."""
+    try:
+        return _validate_json(data).usage
+    except msgspec.ValidationError:
+        return None  # valid JSON of an unexpected shape: the client's SDK will judge it
+    except msgspec.DecodeError as exc:
+        raise _Failed(BadGateway(f"Invalid backend response: {exc}")) from None
 
 
 def _last_event(chunk: bytes) -> bytes:

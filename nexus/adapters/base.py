@@ -68,6 +68,14 @@ class BackendAdapter:
         self._auth_header = {"Authorization": f"Bearer {api_key}"} if api_key else None
 
     @classmethod
+    def check_spec(cls, spec: BackendConfig) -> None:
+        """Validate a backend's config at start-up (``nexus serve``, ``nexus config check``).
+
+        Raise ``ValueError`` with a one-line message (e.g. a required ``api_key_env`` is
+        missing); it becomes the start-up error. The default accepts everything.
+        """
+
+    @classmethod
     def default_zone(cls) -> str:
         return "open" if cls.cloud else "restricted"
 
