@@ -22,7 +22,7 @@ from nexus.cli import cli
 from nexus.config import documented_keys
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVE_COMMAND = "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/nexus serve"
+RUN_COMMAND = "python3 -m venv .venv && .venv/bin/pip install . './plugins/llamacpp[demo]' && .venv/bin/nexus demo"
 
 
 def read(relative: str) -> str:
@@ -182,9 +182,10 @@ def test_ci_script_is_strict_and_executable() -> None:
     assert os.access(ROOT / ".ci" / "run", os.X_OK), ".ci/run is not executable"
 
 
-def test_readme_shows_the_zero_config_run_command() -> None:
+def test_readme_shows_the_run_command_and_zero_config_serve() -> None:
     readme = read("README.md")
-    assert SERVE_COMMAND in readme
+    assert RUN_COMMAND in readme
+    assert "`.venv/bin/nexus serve`" in readme
     assert "http://127.0.0.1:8000/v1" in readme
 
 
