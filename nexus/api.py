@@ -25,7 +25,9 @@ from nexus.gateway import Gateway
 from nexus.registry import Backend
 from nexus.logs import request_id_var
 from nexus.routing.analysis import analyse_chat, analyse_completion, analyse_embedding
+from nexus.queue import priority_of
 from nexus.routing.intent import Requirements
+from nexus.routing.router import RoutePlan, Unavailable
 
 log = logging.getLogger("nexus.api")
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -70,9 +72,15 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
         model, requirements = analyse(body)
         if gateway.config.logging.enable_content_logging:
             log.info("Prompt preview: %s", prompt_preview(body))
-        plan = gateway.router.plan(
-            model, requirements, request_id=request_id_var.get() or "", headers=request.headers
-        )
+        request_id = request_id_var.get() or ""
+
+        def route() -> RoutePlan:
+            return gateway.router.plan(model, requirements, request_id=request_id, headers=request.headers)
+
+        try:
+            plan = route()
+        except Unavailable as unavailable:
+            plan = await gateway.queue.wait(route, unavailable, priority_of(request.headers.get("X-Nexus-Priority")))
         assert gateway.proxy is not None
         return await gateway.proxy.forward(request, endpoint, body, plan, stream=requirements.stream)
 

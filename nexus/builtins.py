@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from nexus.adapters.base import BackendAdapter
 from nexus.adapters.generic import GenericAdapter
+from nexus.discovery import DiscoverySource
+from nexus.discovery_mdns import MdnsDiscovery
+from nexus.discovery_probe import PortProbe
 from nexus.hookspecs import hookimpl
 from nexus.routing.analysis import RequestAnalysis
 from nexus.routing.intent import Reconciler
+from nexus.routing.policy import Privacy, Tiers
+from nexus.routing.quality_gate import QualityGate
 from nexus.routing.scheduling import Scheduling
 
 
@@ -16,5 +21,10 @@ def register_backend_types() -> list[type[BackendAdapter]]:
 
 
 @hookimpl
+def register_discovery_sources() -> list[type[DiscoverySource]]:
+    return [MdnsDiscovery, PortProbe]
+
+
+@hookimpl
 def register_reconcilers() -> list[type[Reconciler]]:
-    return [RequestAnalysis, Scheduling]
+    return [RequestAnalysis, Privacy, Tiers, QualityGate, Scheduling]

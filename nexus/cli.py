@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import signal
 import sys
@@ -138,6 +139,52 @@ async def _serve(app: Any, host: str, port: int) -> None:
         click.echo("Shutting down: finishing in-flight requests", err=True)
     finally:
         await runner.cleanup()
+
+
+@cli.command()
+@click.option("--url", "backend_url", required=True, help="Base URL of the backend, e.g. http://127.0.0.1:11434.")
+@click.option("-t", "--type", "backend_type", help="Backend type (default: detected by probing).")
+@click.option("-z", "--zone", type=click.Choice(["restricted", "open"], case_sensitive=False),
+              help="Privacy zone announced (default: the type's).")
+@click.option("-n", "--name", help="Instance name (default: '<type> on <host name>').")
+@click.option("-i", "--interface", "interfaces", multiple=True,
+              help="Address of an interface to announce on (repeatable; default: all).")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="Seconds between re-probes of the backend.")
+def advertise(backend_url: str, backend_type: str | None, zone: str | None, name: str | None,
+              interfaces: tuple[str, ...], interval: float) -> None:
+    """Announce a backend over mDNS so gateways on the LAN discover it (until Ctrl-C)."""
+    from nexus.announce import AdvertiseError, AdvertiseRequest, advertise_backend
+
+    types = _host().backend_types()
+    if backend_type is not None and backend_type not in types:
+        raise CliError(f"--type {backend_type!r} is not an installed backend type (installed: {', '.join(sorted(types))})")
+    try:
+        parts = urllib.parse.urlsplit(backend_url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise CliError(f"--url {backend_url!r} is invalid: expected an http:// or https:// URL such as "
+                       "http://127.0.0.1:11434")
+    for address in interfaces:
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise CliError(f"--interface {address!r} is invalid: expected an interface address such as "
+                           "127.0.0.1") from None
+    request = AdvertiseRequest(backend_url, backend_type, zone.lower() if zone else None, name, interfaces, interval)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await advertise_backend(request, types, stop, lambda line: click.echo(line, err=True))
+
+    try:
+        asyncio.run(run())
+    except AdvertiseError as exc:
+        raise CliError(str(exc)) from None
 
 
 @cli.group()

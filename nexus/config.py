@@ -9,17 +9,19 @@ the plugin itself.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
 from nexus.errors import ConfigError
+from nexus.routing.glob import GlobError, compile_glob
 
 LogLevel = Literal["trace", "debug", "info", "warn", "warning", "error"]
 Strategy = Literal["smart", "round_robin", "priority_only", "random"]
@@ -44,6 +46,35 @@ class DiscoveryConfig(_Section):
     service_types: list[str] = msgspec.field(default_factory=lambda: ["_ollama._tcp.local.", "_llm._tcp.local."])
     grace_period_seconds: float = 60.0
     interfaces: list[str] | None = None
+    announce: bool = False
+    probe_localhost: bool = True
+    probe_hosts: list[str] = msgspec.field(default_factory=list)
+    probe_ports: list[Annotated[int, msgspec.Meta(ge=1, le=65535)]] | None = None
+    probe_interval_seconds: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+
+    _SERVICE_TYPE: ClassVar[re.Pattern[str]] = re.compile(r"^_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.$")
+    _HOSTNAME: ClassVar[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+    def __post_init__(self) -> None:
+        """Append the trailing '.' a service type may lack; reject what mDNS or probing cannot use."""
+        written, self.service_types = self.service_types, [t if t.endswith(".") else f"{t}." for t in self.service_types]
+        for original, service_type in zip(written, self.service_types):
+            if not self._SERVICE_TYPE.match(service_type):
+                raise ValueError(f"service_types: {original!r} is not an mDNS service type such as '_llm._tcp.local.'")
+        for address in self.interfaces or []:
+            if not _is_ip_address(address):
+                raise ValueError(f"interfaces: {address!r} is not an interface address such as '127.0.0.1'")
+        for host in self.probe_hosts:
+            if not (_is_ip_address(host) or self._HOSTNAME.match(host)):
+                raise ValueError(f"probe_hosts: {host!r} is not an IP address or host name")
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class HealthCheckConfig(_Section):
@@ -60,12 +91,34 @@ class WeightsConfig(_Section):
     latency: int
 
 
+class PolicyConfig(_Section):
+    """One ``[[routing.policies]]`` entry: matched by glob, in order, first match wins."""
+
+    model_pattern: str
+    privacy: Literal["unrestricted", "restricted"] = "unrestricted"
+    min_tier: int | None = None
+
+
 class RoutingConfig(_Section):
     strategy: Strategy = "smart"
     max_retries: int = 2
     weights: WeightsConfig = msgspec.field(default_factory=lambda: WeightsConfig(priority=50, load=30, latency=20))
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
     fallbacks: dict[str, list[str]] = msgspec.field(default_factory=dict)
+    policies: list[PolicyConfig] = msgspec.field(default_factory=list)
+
+
+class QualityConfig(_Section):
+    error_rate_threshold: float = 0.5
+    ttft_penalty_threshold_ms: float = 3000.0
+    metrics_interval_seconds: float = 30.0
+    retry_after_seconds: float = 60.0  # an excluded backend gets one trial request after this
+
+
+class QueueConfig(_Section):
+    enabled: bool = True
+    max_size: int = 100
+    max_wait_seconds: float = 30.0
 
 
 class BackendConfig(_Section):
@@ -78,6 +131,7 @@ class BackendConfig(_Section):
     tier: int = 1
     models: list[str] = msgspec.field(default_factory=list)
     embedding_models: list[str] = msgspec.field(default_factory=list)
+    max_concurrent: int | None = None
 
 
 class LoggingConfig(_Section):
@@ -94,6 +148,8 @@ class Config(_Section):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     backends: list[BackendConfig] = msgspec.field(default_factory=list)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
@@ -341,6 +397,25 @@ def validate(config: Config, source: str = "config", origins: Mapping[str, str] 
         weight = getattr(r.weights, name)
         _check(weight >= 0, source, f"routing.weights.{name}", weight, "expected >= 0")
     _check_aliases(r.aliases, source)
+    for i, policy in enumerate(r.policies):
+        key = f"routing.policies[{i}]"
+        try:
+            compile_glob(policy.model_pattern)
+        except GlobError as exc:
+            raise ConfigError(f"{source}: {key}.model_pattern = {policy.model_pattern!r} is invalid: {exc}") from None
+        if policy.min_tier is not None:
+            _check(1 <= policy.min_tier <= 5, source, f"{key}.min_tier", policy.min_tier, "expected a tier 1-5")
+    q = config.quality
+    _check(0 <= q.error_rate_threshold <= 1, source, "quality.error_rate_threshold", q.error_rate_threshold,
+           "expected a rate from 0.0 to 1.0")
+    _check(q.ttft_penalty_threshold_ms >= 0, source, "quality.ttft_penalty_threshold_ms",
+           q.ttft_penalty_threshold_ms, "expected >= 0 (0 turns the penalty off)")
+    _check(q.metrics_interval_seconds > 0, source, "quality.metrics_interval_seconds", q.metrics_interval_seconds,
+           "expected > 0")
+    _check(q.retry_after_seconds > 0, source, "quality.retry_after_seconds", q.retry_after_seconds, "expected > 0")
+    _check(config.queue.max_size >= 0, source, "queue.max_size", config.queue.max_size, "expected >= 0 (0 disables)")
+    _check(config.queue.max_wait_seconds > 0, source, "queue.max_wait_seconds", config.queue.max_wait_seconds,
+           "expected > 0")
     levels = LogLevel.__args__
     for component, level in config.logging.component_levels.items():
         _check(level in levels, source, f"logging.component_levels.{component}", level,
@@ -353,6 +428,9 @@ def validate(config: Config, source: str = "config", origins: Mapping[str, str] 
         names.add(backend.name)
         _check(_valid_url(backend.url), source, f"{key}.url", backend.url,
                "expected an http:// or https:// URL with a host")
+        if backend.max_concurrent is not None:
+            _check(backend.max_concurrent >= 1, source, f"{key}.max_concurrent", backend.max_concurrent,
+                   "expected >= 1 (leave it out for no cap)")
         _check(1 <= backend.tier <= 5, source, f"{key}.tier", backend.tier, "expected a tier 1-5")
         if backend.zone is not None:
             _check(backend.zone.lower() in ZONES, source, f"{key}.zone", backend.zone, "expected 'restricted' or 'open'")

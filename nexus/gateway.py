@@ -11,12 +11,16 @@ from collections.abc import Mapping
 import aiohttp
 
 from nexus.adapters.base import BackendAdapter
+from nexus.adapters.detect import identify_type
+from nexus.announce import announce_gateway
 from nexus.config import BackendConfig, Config
 from nexus.discovery import DiscoverySink
 from nexus.errors import ConfigError
 from nexus.health import HealthChecker
 from nexus.plugins import PluginHost
 from nexus.proxy import Proxy
+from nexus.quality import BackendQuality
+from nexus.queue import RequestQueue
 from nexus.registry import Backend, Registry, Status
 from nexus.routing.intent import ReconcilerContext
 from nexus.routing.router import Pipeline, Router
@@ -52,7 +56,8 @@ class Gateway:
         self.registry = Registry()
         self.pipeline = Pipeline(host.reconcilers(ReconcilerContext(config=config, registry=self.registry)))
         self.router = Router(self.registry, self.pipeline, config.routing)
-        self.health = HealthChecker(self.registry, config.health_check)
+        self.queue = RequestQueue(config.queue)
+        self.health = HealthChecker(self.registry, config.health_check, on_healthy=self.queue.dispatch)
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.sink: DiscoverySink | None = None
@@ -68,17 +73,23 @@ class Gateway:
             auto_decompress=True,
         )
         self.proxy = Proxy(self.session, self.config.server)
+        self.proxy.on_release = self.queue.dispatch
         self.health_checking = health_check
         for spec in self.config.backends:
             self._settle(self.build_backend(spec, spec.name, "static"))
         if health_check:
             self._spawn(self.health.run(), "health checker")
+        self._spawn(self._recompute_quality(), "quality tracker")
         if discovery:
-            self.sink = DiscoverySink(self.registry, self.config, self.build_backend, self._on_discovered)
+            self.sink = DiscoverySink(self.registry, self.config, self.build_backend, self._on_discovered,
+                                      backend_types=self.adapter_types)
             for plugin_name, source_cls in self.host.discovery_sources():
                 self._start_source(plugin_name, source_cls)
+            if self.config.discovery.announce:
+                self._spawn(announce_gateway(self.config), "mDNS announcement")
 
     async def stop(self) -> None:
+        self.queue.close()
         if self.proxy is not None:
             self.proxy.shutdown()
         for task in self._tasks:
@@ -88,6 +99,14 @@ class Gateway:
             self.sink.close()
         if self.session is not None:
             await self.session.close()
+
+    async def _recompute_quality(self) -> None:
+        """Every ``quality.metrics_interval_seconds``: error rates, TTFT and exclusions."""
+        quality = self.config.quality
+        while True:
+            await asyncio.sleep(quality.metrics_interval_seconds)
+            for backend in self.registry.all():
+                backend.quality.recompute(quality.error_rate_threshold)
 
     def _spawn(self, coro: object, what: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -123,16 +142,8 @@ class Gateway:
     async def detect_type(self, url: str) -> str:
         """The first installed type whose probe accepts ``url`` (plugins before ``generic``)."""
         assert self.session is not None
-        ordered = sorted(self.adapter_types.values(), key=lambda cls: cls.type_name == "generic")
-        for adapter_cls in ordered:
-            spec = BackendConfig(name="probe", url=url, type=adapter_cls.type_name)
-            try:
-                adapter = adapter_cls(spec, self.session, probe_timeout=min(2.0, self.config.health_check.timeout_seconds))
-                if await adapter.identify():
-                    return adapter_cls.type_name
-            except Exception as exc:  # any failure just means "not this type"
-                log.debug("%s is not a %s backend: %s", url, adapter_cls.type_name, exc)
-        return "generic"
+        timeout = min(2.0, self.config.health_check.timeout_seconds)
+        return await identify_type(url, self.adapter_types, self.session, timeout) or "generic"
 
     # -- backends -------------------------------------------------------------------------
 
@@ -169,6 +180,8 @@ class Gateway:
             tier=spec.tier,
             priority=spec.priority,
             source=source,
+            max_concurrent=spec.max_concurrent,
+            quality=BackendQuality(self.config.quality.retry_after_seconds),
         )
         self.registry.add(backend)
         if spec.models:

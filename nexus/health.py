@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -22,9 +23,11 @@ log = logging.getLogger("nexus.health")
 
 
 class HealthChecker:
-    def __init__(self, registry: Registry, config: HealthCheckConfig) -> None:
+    def __init__(self, registry: Registry, config: HealthCheckConfig,
+                 on_healthy: Callable[[], None] = lambda: None) -> None:
         self.registry = registry
         self.config = config
+        self.on_healthy = on_healthy  # a backend became healthy: queued requests may be served
 
     async def run(self) -> None:
         """Check at once, then every ``interval_seconds`` until cancelled."""
@@ -38,6 +41,8 @@ class HealthChecker:
         log.debug("Health cycle done: %d backends", len(backends))
 
     async def check(self, backend: Backend) -> None:
+        if backend.lost:  # its discovery source reported it gone: it stays unknown
+            return
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.config.timeout_seconds):
@@ -55,7 +60,8 @@ class HealthChecker:
             log.debug("Probe of %s raised", backend.id, exc_info=True)
             self._failure(backend, f"invalid response: {type(exc).__name__}: {exc}")
         else:
-            self._success(backend, (time.perf_counter() - started) * 1000, models)
+            if not backend.lost:  # not when reported gone while the probe ran
+                self._success(backend, (time.perf_counter() - started) * 1000, models)
 
     def _failure(self, backend: Backend, error: str) -> None:
         backend.consecutive_successes = 0
@@ -80,5 +86,6 @@ class HealthChecker:
             or backend.consecutive_successes >= self.config.recovery_threshold
         ):
             backend.set_status(Status.HEALTHY)
+            self.on_healthy()
         elif backend.status is Status.HEALTHY:
             backend.last_error = None

@@ -28,7 +28,7 @@ from aiohttp import web
 from nexus.adapters.base import BackendAdapter
 from nexus.body import rewrite_model
 from nexus.config import ServerConfig
-from nexus.errors import BadGateway, GatewayTimeout, InvalidRequest, NexusError
+from nexus.errors import BadGateway, GatewayTimeout, InvalidRequest, NexusError, ServiceUnavailable
 from nexus.logs import request_id_var
 from nexus.routing.router import Attempt, RoutePlan
 
@@ -79,6 +79,7 @@ class RequestRecord:
     model: str  # as the client asked
     stream: bool
     started: float = field(default_factory=time.monotonic)
+    first_byte_at: float | None = None
     backend: str | None = None
     served_model: str | None = None
     route_reason: str = ""
@@ -101,7 +102,8 @@ class RequestRecord:
         level = logging.INFO if self.outcome in ("success", "cancelled") else logging.WARNING
         if not log.isEnabledFor(level):
             return
-        fields = {k: getattr(self, k) for k in self.__slots__ if k != "started" and getattr(self, k) is not None}
+        fields = {k: getattr(self, k) for k in self.__slots__
+                  if k not in ("started", "first_byte_at") and getattr(self, k) is not None}
         fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 1)
         log.log(level, "%s %s -> %s %s", self.endpoint, self.model, self.status, self.outcome, extra=fields)
 
@@ -123,6 +125,7 @@ class Proxy:
         self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_read=config.stream_idle_timeout_seconds)
         self.shutting_down = False
         self._open_streams: set[aiohttp.ClientResponse] = set()
+        self.on_release: Callable[[], None] = lambda: None  # capacity freed: the queue may dispatch
 
     def shutdown(self) -> None:
         """Cut every open upstream stream: each ends with an error event, never ``[DONE]``."""
@@ -159,8 +162,10 @@ class Proxy:
         bodies: dict[str, bytes] = {}
         last: NexusError | None = None
         for attempt in plan:
-            record.attempt(attempt)
             backend = attempt.candidate.backend
+            if backend.at_capacity:  # filled up since routing: not a failure, just not this one
+                continue
+            record.attempt(attempt)
             adapter = backend.adapter
             out = body
             if attempt.model != record.model:
@@ -172,17 +177,27 @@ class Proxy:
             headers["X-Request-Id"] = request_id
             backend.pending += 1
             backend.total_requests += 1
+            started = time.monotonic()
             try:
                 if record.stream:
-                    return await self._stream(request, attempt, url, out, headers, record)
-                return await self._unary(attempt, url, out, headers, record)
+                    response = await self._stream(request, attempt, url, out, headers, record)
+                else:
+                    response = await self._unary(attempt, url, out, headers, record)
             except _Failed as failed:
                 record.retries += 1
                 last = failed.error
+                backend.quality.record(False, None)
                 log.warning("Backend %s failed: %s", backend.id, last.message, extra={"attempt": record.retries})
+                continue
             finally:
                 backend.pending -= 1
-        assert last is not None  # a plan always holds at least one attempt
+                self.on_release()
+            if record.outcome != "cancelled":  # this backend's own time to first byte
+                first_byte = record.first_byte_at or time.monotonic()
+                backend.quality.record(record.outcome != "interrupted", (first_byte - started) * 1000)
+            return response
+        if last is None:  # every candidate filled up between routing and sending
+            raise ServiceUnavailable("All backends for this model are at capacity", headers={"Retry-After": "1"})
         record.retries -= 1  # the last failure is not a retry
         raise last
 
@@ -291,7 +306,8 @@ class Proxy:
         if not first:
             resp.close()
             raise _Failed(BadGateway("Backend closed the stream before sending any event"))
-        record.ttft_ms = round((time.monotonic() - record.started) * 1000, 1)
+        record.first_byte_at = time.monotonic()
+        record.ttft_ms = round((record.first_byte_at - record.started) * 1000, 1)
         return await self._relay(request, attempt, resp, first, record)
 
     async def _relay(self, request: web.Request, attempt: Attempt, resp: aiohttp.ClientResponse,

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from nexus.quality import BackendQuality
+
 if TYPE_CHECKING:
     from nexus.adapters.base import BackendAdapter
 
@@ -59,6 +61,9 @@ class Backend:
         "consecutive_failures",
         "consecutive_successes",
         "retry_after_until",
+        "lost",
+        "max_concurrent",
+        "quality",
     )
 
     def __init__(
@@ -72,6 +77,8 @@ class Backend:
         tier: int,
         priority: int,
         source: str = "static",
+        max_concurrent: int | None = None,
+        quality: BackendQuality | None = None,
     ) -> None:
         self.id = id
         self.name = name
@@ -93,10 +100,21 @@ class Backend:
         self.consecutive_failures = 0
         self.consecutive_successes = 0
         self.retry_after_until = 0.0  # time.monotonic() before which the backend asked not to be sent work
+        self.lost = False  # its discovery source reported it gone: not probed until it returns or is removed
+        self.max_concurrent = max_concurrent  # None: no cap
+        self.quality = quality or BackendQuality()
 
     @property
     def healthy(self) -> bool:
         return self.status is Status.HEALTHY
+
+    @property
+    def at_capacity(self) -> bool:
+        return self.max_concurrent is not None and self.pending >= self.max_concurrent
+
+    def can_serve_now(self, now: float) -> bool:
+        """Healthy, below its concurrency cap, and not asked by the backend to wait."""
+        return self.healthy and not self.at_capacity and self.retry_after_until <= now
 
     def set_status(self, status: Status, error: str | None = None) -> None:
         if status is not self.status:
@@ -122,6 +140,7 @@ class Registry:
     def __init__(self) -> None:
         self._backends: dict[str, Backend] = {}
         self._by_model: dict[str, list[Backend]] = {}
+        self.version = 0  # bumped whenever backends or their model lists change
 
     def __len__(self) -> int:
         return len(self._backends)
@@ -167,3 +186,4 @@ class Registry:
             for model_id in backend.models:
                 index.setdefault(model_id, []).append(backend)
         self._by_model = index
+        self.version += 1

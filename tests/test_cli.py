@@ -143,11 +143,12 @@ async def test_plugins_lists_the_builtin_plugin(tmp_path: Path) -> None:
     header, *rows = table.stdout.splitlines()
     assert header.split() == ["NAME", "VERSION", "SOURCE", "HOOKS", "STATUS"]
     builtin = next(row for row in rows if row.startswith("builtin "))
-    assert __version__ in builtin and "register_backend_types, register_reconcilers" in builtin
+    assert __version__ in builtin and "register_backend_types, register_discovery_sources, register_reconcilers" in builtin
     assert builtin.endswith("ok")
     entry = next(p for p in json.loads(as_json.stdout) if p["name"] == "builtin")
     assert entry == {"name": "builtin", "version": __version__, "source": "nexus-orchestrator",
-                     "hooks": ["register_backend_types", "register_reconcilers"], "errors": []}
+                     "hooks": ["register_backend_types", "register_discovery_sources", "register_reconcilers"],
+                     "errors": []}
 
 
 # -- serve: start-up errors ---------------------------------------------------------------

@@ -111,7 +111,7 @@ async def test_unhealthy_backend_gives_actionable_503(fake_backend: BackendFacto
                                                       http: aiohttp.ClientSession) -> None:
     backend = await fake_backend()
     other = await fake_backend(name="other", models=["other-model"])
-    gw = await nexus({"backends": [backend_entry(backend), backend_entry(other)]})
+    gw = await nexus({"queue": {"enabled": False}, "backends": [backend_entry(backend), backend_entry(other)]})
     backend.models_status = 500
     await gw.check_health()
     async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:

@@ -43,12 +43,16 @@ class BackendAdapter:
             default zone ``open``, client ``Authorization`` never forwarded).
         translates: ``True`` when :meth:`translate_response` / :meth:`translate_event`
             change bytes; when ``False`` the proxy skips calling them.
+        mdns_service_types: mDNS service types this backend announces itself as (e.g.
+            ``("_ollama._tcp.local.",)``): browsed by mDNS discovery, which gives a service
+            of one of them this type, and used by ``nexus advertise`` (the first one).
     """
 
     type_name: ClassVar[str] = ""
     default_port: ClassVar[int | None] = None
     cloud: ClassVar[bool] = False
     translates: ClassVar[bool] = False
+    mdns_service_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

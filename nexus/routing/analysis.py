@@ -139,7 +139,15 @@ class RequestAnalysis:
 
     def reconcile(self, intent: RoutingIntent) -> None:
         req = intent.requirements
-        for candidate in intent.candidates[:]:
+        if not (req.vision or req.tools or req.json_mode or req.embeddings):  # the common case: context only
+            tokens = req.estimated_tokens
+            for candidate in intent.candidates:
+                context = candidate.model.context_length
+                if context is not None and tokens > context:
+                    intent.exclude(candidate.id, "Missing capabilities: ['context_length']",
+                                   "Use a model that supports context_length", kind="capability")
+            return
+        for candidate in intent.candidates:
             missing = missing_capabilities(req, candidate.model)
             if missing:
                 intent.exclude(

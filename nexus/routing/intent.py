@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -31,35 +31,21 @@ class Requirements(msgspec.Struct, kw_only=True, frozen=True):
 class Candidate:
     """A backend that lists the model, as reconcilers see it."""
 
-    __slots__ = ("backend", "model")
+    __slots__ = ("backend", "model", "id", "name", "zone", "tier", "priority")
 
     def __init__(self, backend: Backend, model: ModelInfo) -> None:
         self.backend = backend
         self.model = model
-
-    @property
-    def id(self) -> str:
-        return self.backend.id
-
-    @property
-    def name(self) -> str:
-        return self.backend.name
+        # Fixed for the backend's lifetime: copied so stages read them without indirection.
+        self.id = backend.id
+        self.name = backend.name
+        self.zone = backend.zone
+        self.tier = backend.tier
+        self.priority = backend.priority
 
     @property
     def type(self) -> str:
         return self.backend.type_name
-
-    @property
-    def zone(self) -> str:
-        return self.backend.zone
-
-    @property
-    def tier(self) -> int:
-        return self.backend.tier
-
-    @property
-    def priority(self) -> int:
-        return self.backend.priority
 
     @property
     def status(self) -> str:
@@ -75,6 +61,7 @@ class Exclusion(msgspec.Struct, kw_only=True, frozen=True):
     reason: str
     suggested_action: str | None = None
     kind: ExclusionKind = "policy"
+    retry_in: float | None = None  # seconds until this exclusion lifts by itself, when known
 
 
 class RoutingIntent:
@@ -87,10 +74,13 @@ class RoutingIntent:
     __slots__ = (
         "request_id",
         "requested_model",
+        "primary_model",
         "model",
         "requirements",
         "headers",
-        "candidates",
+        "_candidates",
+        "_known",
+        "_excluded",
         "exclusions",
         "annotations",
         "ranked",
@@ -107,13 +97,17 @@ class RoutingIntent:
         requirements: Requirements,
         candidates: list[Candidate],
         headers: Mapping[str, str] | None = None,
+        primary_model: str | None = None,
     ) -> None:
         self.request_id = request_id
-        self.requested_model = requested_model
-        self.model = model
+        self.requested_model = requested_model  # as the client sent it
+        self.primary_model = primary_model or model  # after aliases, before fallbacks
+        self.model = model  # the model being evaluated (the primary or a fallback)
         self.requirements = requirements
         self.headers: Mapping[str, str] = headers or {}
-        self.candidates = candidates
+        self._candidates = candidates
+        self._known: Collection[str] | None = None  # ids of the initial candidates, built on first exclusion
+        self._excluded: set[str] = set()
         self.exclusions: list[Exclusion] = []
         self.annotations: dict[str, Any] = {}
         self.ranked: list[Candidate] = []
@@ -127,6 +121,7 @@ class RoutingIntent:
         suggested_action: str | None = None,
         *,
         kind: ExclusionKind = "policy",
+        retry_in: float | None = None,
     ) -> None:
         """Remove a candidate, recording which reconciler did it and why.
 
@@ -134,20 +129,32 @@ class RoutingIntent:
         (the request can never be served: 400), ``unavailable`` (transient: 503,
         may be queued), ``policy`` (privacy, tier, budget: 503, never queued).
         """
-        before = len(self.candidates)
-        self.candidates = [c for c in self.candidates if c.backend.id != backend_id]
+        if self._known is None:
+            self._known = {c.id for c in self._candidates}
+        if backend_id in self._excluded or backend_id not in self._known:
+            return
+        self._excluded.add(backend_id)
         if self.ranked:  # a stage after scheduling narrows the ranking too
-            self.ranked = [c for c in self.ranked if c.backend.id != backend_id]
-        if len(self.candidates) != before:
-            self.exclusions.append(
-                Exclusion(
-                    backend=backend_id,
-                    reconciler=self._stage,
-                    reason=reason,
-                    suggested_action=suggested_action,
-                    kind=kind,
-                )
+            self.ranked = [c for c in self.ranked if c.id != backend_id]
+        self.exclusions.append(
+            Exclusion(
+                backend=backend_id,
+                reconciler=self._stage,
+                reason=reason,
+                suggested_action=suggested_action,
+                kind=kind,
+                retry_in=retry_in,
             )
+        )
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        """The candidates not excluded so far (a fresh list after each exclusion, so a
+        stage may exclude while iterating what it read)."""
+        if self._excluded and len(self._candidates) + len(self._excluded) > len(self._known or ()):
+            excluded = self._excluded
+            self._candidates = [c for c in self._candidates if c.id not in excluded]
+        return self._candidates
 
     def annotate(self, key: str, value: Any) -> None:
         self.annotations[key] = value

@@ -74,10 +74,22 @@ class RoutePlan:
             intent = None
             while rest and intent is None:
                 first = self.first
-                next_intent = self._router.evaluate(first.requested_model, rest.pop(0), first.requirements,
-                                                    first.request_id, first.headers)
+                next_intent = self._router.evaluate(first.requested_model, first.primary_model, rest.pop(0),
+                                                    first.requirements, first.request_id, first.headers)
                 if next_intent.ranked:
                     intent, fallback = next_intent, True
+
+
+class Unavailable(ServiceUnavailable):
+    """No route now, for transient reasons only: the caller may queue the request.
+
+    ``error`` is the 503 to answer when it is not queued; ``retry_in`` is the earliest
+    moment (seconds) an exclusion lifts by itself, when one is known.
+    """
+
+    def __init__(self, error: ServiceUnavailable, retry_in: float | None) -> None:
+        super().__init__(error.message, context=error.context, headers=error.headers)
+        self.retry_in = retry_in
 
 
 class Router:
@@ -85,16 +97,31 @@ class Router:
         self.registry = registry
         self.pipeline = pipeline
         self.config = config
+        self._candidates: dict[str, list[Candidate]] = {}  # per model, rebuilt when the fleet changes
+        self._version = -1
 
-    def evaluate(self, requested: str, model: str, requirements: Requirements, request_id: str,
+    def candidates_for(self, model: str) -> list[Candidate]:
+        """A fresh list of the model's candidates (the objects are shared until the fleet changes)."""
+        if self._version != self.registry.version:
+            self._candidates.clear()
+            self._version = self.registry.version
+        cached = self._candidates.get(model)
+        if cached is None:
+            cached = [Candidate(b, b.models[model]) for b in self.registry.backends_for(model)]
+            if cached:
+                self._candidates[model] = cached
+        return cached[:]
+
+    def evaluate(self, requested: str, primary: str, model: str, requirements: Requirements, request_id: str,
                  headers: Mapping[str, str] | None) -> RoutingIntent:
-        """Run the pipeline for ``model`` (the alias-resolved or a fallback model)."""
+        """Run the pipeline for ``model``: the alias-resolved ``primary`` or one of its fallbacks."""
         intent = RoutingIntent(
             request_id=request_id,
             requested_model=requested,
+            primary_model=primary,
             model=model,
             requirements=requirements,
-            candidates=[Candidate(b, b.models[model]) for b in self.registry.backends_for(model)],
+            candidates=self.candidates_for(model),
             headers=headers,
         )
         if intent.candidates:
@@ -114,7 +141,7 @@ class Router:
         chain = [model, *self.config.fallbacks.get(model, [])]
         tried: list[RoutingIntent] = []
         for i, candidate_model in enumerate(chain):
-            intent = self.evaluate(requested, candidate_model, requirements, request_id, headers)
+            intent = self.evaluate(requested, model, candidate_model, requirements, request_id, headers)
             if intent.ranked:
                 if i:
                     log.warning("Using fallback model %s for %s", candidate_model, requested)
@@ -134,6 +161,13 @@ class Router:
         context: dict[str, object] = {
             "available_backends": sorted(b.id for b in self.registry.all() if b.healthy),
         }
+        for key in ("required_tier", "privacy_zone_required"):
+            value = next((i.annotations[key] for i in tried if key in i.annotations), None)
+            if value is not None:
+                context[key] = value
+        waits = [e.retry_in for e in exclusions if e.retry_in is not None]
+        if waits:
+            context["eta_seconds"] = max(1, round(min(waits)))
         if len(tried) > 1:
             context["models_tried"] = [intent.model for intent in tried]
             message = f"No backend could serve '{requested}' or any of its fallbacks: {context['models_tried']}"
@@ -151,7 +185,12 @@ class Router:
                 "X-Nexus-Rejection-Details": _encode(details).decode(),
             }
         log.warning("Routing failure for %s: %s", requested, message)
-        return ServiceUnavailable(message, context=context, headers=headers)
+        error = ServiceUnavailable(message, context=context, headers=headers)
+        if exclusions and all(e.kind == "unavailable" for e in exclusions):
+            # Only transient reasons (unhealthy, loading, at capacity, asked to wait): the
+            # request may wait in the queue for capacity (CONTRACT §4).
+            return Unavailable(error, min(waits) if waits else None)
+        return error
 
     def _capability_error(self, requested: str, intent: RoutingIntent) -> NexusError:
         req = intent.requirements

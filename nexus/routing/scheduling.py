@@ -12,16 +12,27 @@ from nexus.registry import Status
 from nexus.routing.intent import Candidate, ReconcilerContext, RoutingIntent
 
 
-def smart_score(candidate: Candidate, weights: WeightsConfig) -> int:
-    """Upstream §5.4: integer score over priority (lower is better), load and latency."""
+def smart_score(candidate: Candidate, weights: WeightsConfig, ttft_threshold_ms: float = 0.0) -> int:
+    """Upstream §5.4: integer score over priority (lower is better), load and latency,
+    less the TTFT penalty: above ``ttft_threshold_ms`` (0: off) the score shrinks in
+    proportion, down to 0 at twice the threshold."""
+    return _score(candidate, weights.priority, weights.load, weights.latency, ttft_threshold_ms)
+
+
+def _score(candidate: Candidate, w_priority: int, w_load: int, w_latency: int, ttft_threshold_ms: float) -> int:
+    priority = candidate.priority
+    priority = 0 if priority < 0 else 100 if priority > 100 else priority
     backend = candidate.backend
-    priority = backend.priority
-    priority = 0 if priority < 0 else 100 if priority > 100 else priority  # clamped, lower is better
-    load = backend.pending if backend.pending < 100 else 100
+    load = backend.pending
+    load = load if load < 100 else 100
     latency = int(backend.avg_latency_ms) // 10
     latency = latency if latency < 100 else 100
-    return ((100 - priority) * weights.priority + (100 - load) * weights.load
-            + (100 - latency) * weights.latency) // 100
+    score = ((100 - priority) * w_priority + (100 - load) * w_load + (100 - latency) * w_latency) // 100
+    if ttft_threshold_ms:
+        ttft = backend.quality.avg_ttft_ms
+        if ttft > ttft_threshold_ms:
+            score -= int(score * min((ttft - ttft_threshold_ms) / ttft_threshold_ms, 1.0))
+    return score
 
 
 class Scheduling:
@@ -37,6 +48,7 @@ class Scheduling:
     def __init__(self, context: ReconcilerContext) -> None:
         routing = context.config.routing
         self.weights = routing.weights
+        self.ttft_threshold = context.config.quality.ttft_penalty_threshold_ms
         self._counter = itertools.count()
         self._rank: Callable[[list[Candidate]], tuple[list[Candidate], str]] = {
             "smart": self._smart,
@@ -47,14 +59,24 @@ class Scheduling:
 
     def reconcile(self, intent: RoutingIntent) -> None:
         now = 0.0
-        for candidate in intent.candidates[:]:
+        healthy = Status.HEALTHY
+        for candidate in intent.candidates:
             backend = candidate.backend
+            if backend.status is healthy and backend.max_concurrent is None and not backend.retry_after_until:
+                continue  # the common case, checked without a call
             if not backend.healthy:
                 loading = backend.status is Status.LOADING
                 intent.exclude(
                     candidate.id,
                     "Backend is loading its model" if loading else f"Backend unhealthy: {candidate.status}",
                     "Retry shortly" if loading else "Wait for the backend to recover or check its logs",
+                    kind="unavailable",
+                )
+            elif backend.at_capacity:
+                intent.exclude(
+                    candidate.id,
+                    f"Backend at capacity ({backend.pending}/{backend.max_concurrent} requests)",
+                    "Wait for a request to finish (the request is queued when the queue is on)",
                     kind="unavailable",
                 )
             elif backend.retry_after_until and backend.retry_after_until > (now := now or time.monotonic()):
@@ -64,6 +86,7 @@ class Scheduling:
                     f"Backend asked to retry after {wait:.0f}s (HTTP 429/503 Retry-After)",
                     f"Retry in {wait:.0f}s",
                     kind="unavailable",
+                    retry_in=wait,
                 )
         survivors = intent.candidates
         if not survivors:
@@ -73,15 +96,17 @@ class Scheduling:
             intent.route_reason = "only_healthy_backend"
             return
         ranked, intent.route_reason = self._rank(survivors)
-        if not all(c.model.loaded for c in ranked):  # models in memory first (stable within each group)
+        if not all([c.model.loaded for c in ranked]):  # models in memory first (stable within each group)
             ranked = [c for c in ranked if c.model.loaded] + [c for c in ranked if not c.model.loaded]
         intent.ranked = ranked
 
     def _smart(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
-        weights = self.weights
-        scored = sorted([(-smart_score(c, weights), c.backend.name, c) for c in candidates])  # names are unique
-        best_score, best_name, _ = scored[0]
-        return [c for _, _, c in scored], f"highest_score:{best_name}:{-best_score}"
+        w = self.weights
+        threshold = self.ttft_threshold
+        scores = [-_score(c, w.priority, w.load, w.latency, threshold) for c in candidates]
+        order = sorted(range(len(candidates)), key=scores.__getitem__)  # stable: ties keep name order
+        ranked = [candidates[i] for i in order]
+        return ranked, f"highest_score:{ranked[0].name}:{-scores[order[0]]}"
 
     def _priority(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
         ranked = sorted(candidates, key=lambda c: (c.priority, c.name))

@@ -108,12 +108,14 @@ async def wait_for_health(url: str, healthy_backends: int) -> dict[str, object]:
 
 
 @asynccontextmanager
-async def serve_nexus(*args: str, cwd: Path, env: dict[str, str] | None = None) -> AsyncIterator[ServedNexus]:
-    """Start ``nexus serve --port <free> --no-discovery ARGS``; ready once it says it listens
-    and ``/health`` answers. Stopped with SIGTERM (and killed if it does not exit)."""
+async def serve_nexus(*args: str, cwd: Path, env: dict[str, str] | None = None,
+                      discovery: bool = False) -> AsyncIterator[ServedNexus]:
+    """Start ``nexus serve --port <free> --no-discovery ARGS`` (without ``--no-discovery``
+    if ``discovery``); ready once it says it listens and ``/health`` answers. Stopped with
+    SIGTERM (and killed if it does not exit)."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nexus", "serve", "--port", str(port), "--no-discovery", *args,
+        sys.executable, "-m", "nexus", "serve", "--port", str(port), *([] if discovery else ["--no-discovery"]), *args,
         cwd=cwd, env=env or nexus_env(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None

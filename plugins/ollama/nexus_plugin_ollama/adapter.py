@@ -46,6 +46,7 @@ class OllamaAdapter(GenericAdapter):
 
     type_name = "ollama"
     default_port = 11434
+    mdns_service_types = ("_ollama._tcp.local.",)  # browsed by mDNS discovery, used by `nexus advertise`
     translates = True  # only /v1/embeddings is changed; every other body passes through as is
 
     def __init__(
