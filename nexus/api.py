@@ -17,6 +17,7 @@ from nexus.errors import (
     Conflict,
     Forbidden,
     InvalidRequest,
+    NexusError,
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -78,9 +79,14 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
             return gateway.router.plan(model, requirements, request_id=request_id, headers=request.headers)
 
         try:
-            plan = route()
-        except Unavailable as unavailable:
-            plan = await gateway.queue.wait(route, unavailable, priority_of(request.headers.get("X-Nexus-Priority")))
+            try:
+                plan = route()
+            except Unavailable as unavailable:
+                plan = await gateway.queue.wait(route, unavailable,
+                                                priority_of(request.headers.get("X-Nexus-Priority")))
+        except NexusError as refused:
+            gateway.stats.refused(refused.status)
+            raise
         assert gateway.proxy is not None
         return await gateway.proxy.forward(request, endpoint, body, plan, stream=requirements.stream)
 
@@ -158,6 +164,12 @@ def backend_view(b: Backend) -> dict[str, object]:
     }
 
 
+async def stats(request: web.Request) -> web.Response:
+    """``GET /v1/stats``: request counters, per-backend load and quality, per-model totals, queue."""
+    gateway = request.app[GATEWAY]
+    return json_response(gateway.stats.snapshot(gateway.registry, gateway.queue, gateway.pipeline))
+
+
 async def list_backends(request: web.Request) -> web.Response:
     """``GET /v1/backends``."""
     backends = sorted(request.app[GATEWAY].registry.all(), key=lambda b: b.name)
@@ -217,6 +229,7 @@ ROUTES = [
     web.post("/v1/embeddings", embeddings),
     web.get("/v1/models", list_models),
     web.get("/v1/backends", list_backends),
+    web.get("/v1/stats", stats),
     web.post("/v1/backends", add_backend),
     web.delete("/v1/backends/{backend_id}", remove_backend),
     web.get("/health", health),

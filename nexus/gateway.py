@@ -21,6 +21,7 @@ from nexus.plugins import PluginHost
 from nexus.proxy import Proxy
 from nexus.quality import BackendQuality
 from nexus.queue import RequestQueue
+from nexus.stats import Stats
 from nexus.registry import Backend, Registry, Status
 from nexus.routing.intent import ReconcilerContext
 from nexus.routing.router import Pipeline, Router
@@ -57,6 +58,7 @@ class Gateway:
         self.pipeline = Pipeline(host.reconcilers(ReconcilerContext(config=config, registry=self.registry)))
         self.router = Router(self.registry, self.pipeline, config.routing)
         self.queue = RequestQueue(config.queue)
+        self.stats = Stats()
         self.health = HealthChecker(self.registry, config.health_check, on_healthy=self.queue.dispatch)
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
@@ -74,6 +76,7 @@ class Gateway:
         )
         self.proxy = Proxy(self.session, self.config.server)
         self.proxy.on_release = self.queue.dispatch
+        self.proxy.on_record = self.stats.record
         self.health_checking = health_check
         for spec in self.config.backends:
             self._settle(self.build_backend(spec, spec.name, "static"))

@@ -126,6 +126,7 @@ class Proxy:
         self.shutting_down = False
         self._open_streams: set[aiohttp.ClientResponse] = set()
         self.on_release: Callable[[], None] = lambda: None  # capacity freed: the queue may dispatch
+        self.on_record: Callable[[RequestRecord], None] = lambda record: None  # every request's end
 
     def shutdown(self) -> None:
         """Cut every open upstream stream: each ends with an error event, never ``[DONE]``."""
@@ -154,6 +155,7 @@ class Proxy:
             raise
         finally:
             record.log()
+            self.on_record(record)
 
     async def _attempts(self, request: web.Request, endpoint: str, body: bytes, plan: RoutePlan,
                         record: RequestRecord) -> web.StreamResponse:
