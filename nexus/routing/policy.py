@@ -23,6 +23,10 @@ class Policies:
     def __init__(self, policies: list[PolicyConfig]) -> None:
         self._compiled = [(compile_glob(p.model_pattern), p) for p in policies]
         self._cache: dict[str, PolicyConfig | None] = {}
+        self._binding: dict[tuple[str, str], tuple[bool, int | None]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._compiled)
 
     def match(self, model: str) -> PolicyConfig | None:
         try:
@@ -35,6 +39,11 @@ class Policies:
 
     def binding(self, intent: RoutingIntent) -> tuple[bool, int | None]:
         """(privacy restricted?, minimum tier) for this evaluation, strictest of both models."""
+        key = (intent.primary_model, intent.model)
+        try:
+            return self._binding[key]
+        except KeyError:
+            pass
         restricted, min_tier = False, None
         for model in {intent.primary_model, intent.model}:
             policy = self.match(model)
@@ -43,6 +52,8 @@ class Policies:
             restricted = restricted or policy.privacy == RESTRICTED
             if policy.min_tier is not None:
                 min_tier = max(min_tier or 0, policy.min_tier)
+        if len(self._binding) < 100_000:
+            self._binding[key] = (restricted, min_tier)
         return restricted, min_tier
 
 
@@ -56,6 +67,8 @@ class Privacy:
         self.policies = Policies(context.config.routing.policies)
 
     def reconcile(self, intent: RoutingIntent) -> None:
+        if not self.policies:
+            return
         restricted, _ = self.policies.binding(intent)
         if not restricted:
             return
@@ -96,6 +109,8 @@ class Tiers:
         self.policies = Policies(context.config.routing.policies)
 
     def reconcile(self, intent: RoutingIntent) -> None:
+        if not self.policies:
+            return
         _, min_tier = self.policies.binding(intent)
         if min_tier is None:
             return
