@@ -3,6 +3,7 @@ parsing of what a service announces."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -40,10 +41,9 @@ async def test_announced_backend_is_served_then_removed_after_the_grace_period(
     info = service(gw.service_type, "Lab_Box", backend.port, {"type": "generic", "api_path": "/v1", "version": "1.2"})
     started = time.monotonic()
     await publisher.register(info)
-    models: set[str] = set()
-    while "mdns-model" not in models:  # what a client sees, within a few seconds
-        models = await listed_models(http, gw.url)
+    while "mdns-model" not in await listed_models(http, gw.url):  # what a client sees, within a few seconds
         assert time.monotonic() - started < 5, "the announced backend's model was not listed within 5 s"
+        await asyncio.sleep(0.02)
     found = gw.gateway.registry.get("lab-box")
     assert found is not None
     assert (found.source, found.url, found.type_name, found.status) == ("mdns", backend.url, "generic", Status.HEALTHY)
