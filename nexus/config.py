@@ -56,17 +56,8 @@ class DiscoveryConfig(_Section):
     _HOSTNAME: ClassVar[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
 
     def __post_init__(self) -> None:
-        """Append the trailing '.' a service type may lack; reject what mDNS or probing cannot use."""
-        written, self.service_types = self.service_types, [t if t.endswith(".") else f"{t}." for t in self.service_types]
-        for original, service_type in zip(written, self.service_types):
-            if not self._SERVICE_TYPE.match(service_type):
-                raise ValueError(f"service_types: {original!r} is not an mDNS service type such as '_llm._tcp.local.'")
-        for address in self.interfaces or []:
-            if not _is_ip_address(address):
-                raise ValueError(f"interfaces: {address!r} is not an interface address such as '127.0.0.1'")
-        for host in self.probe_hosts:
-            if not (_is_ip_address(host) or self._HOSTNAME.match(host)):
-                raise ValueError(f"probe_hosts: {host!r} is not an IP address or host name")
+        """Append the trailing '.' a service type may lack (checked in :func:`validate`)."""
+        self.service_types = [t if t.endswith(".") else f"{t}." for t in self.service_types]
 
 
 def _is_ip_address(text: str) -> bool:
@@ -396,6 +387,16 @@ def validate(config: Config, source: str = "config", origins: Mapping[str, str] 
     for name in ("priority", "load", "latency"):
         weight = getattr(r.weights, name)
         _check(weight >= 0, source, f"routing.weights.{name}", weight, "expected >= 0")
+    d = config.discovery
+    for i, service_type in enumerate(d.service_types):
+        _check(bool(DiscoveryConfig._SERVICE_TYPE.match(service_type)), source, f"discovery.service_types[{i}]",
+               service_type, "expected an mDNS service type such as '_llm._tcp.local.'")
+    for i, address in enumerate(d.interfaces or []):
+        _check(_is_ip_address(address), source, f"discovery.interfaces[{i}]", address,
+               "expected an interface address such as '127.0.0.1'")
+    for i, host in enumerate(d.probe_hosts):
+        _check(_is_ip_address(host) or bool(DiscoveryConfig._HOSTNAME.match(host)), source,
+               f"discovery.probe_hosts[{i}]", host, "expected an IP address or a host name")
     _check_aliases(r.aliases, source)
     for i, policy in enumerate(r.policies):
         key = f"routing.policies[{i}]"
