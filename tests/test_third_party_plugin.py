@@ -8,9 +8,6 @@ environment with pip, used by a real `nexus serve`, and uninstalled afterwards.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,35 +15,20 @@ import aiohttp
 import pytest
 
 from nexus.testing import CHAT, BackendFactory
-from tests.plugins.support import REPO, nexus_env, run_nexus_async, serve_nexus, wait_for_health
-
-
-def guide_block(after: str, language: str) -> str:
-    text = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
-    section = text[text.index("## A complete third-party plugin"):]
-    start = section.index(after)
-    match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(section, start)
-    assert match is not None, f"no {language} block after {after!r} in docs/plugins.md"
-    return match.group(1)
-
-
-def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                   check=True, capture_output=True, timeout=300)
+from tests.plugins.support import (
+    guide_package_installed,
+    nexus_env,
+    pip,
+    run_nexus_async,
+    serve_nexus,
+    wait_for_health,
+)
 
 
 @pytest.fixture(scope="module")
 def acme_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    package = tmp_path_factory.mktemp("nexus-plugin-acme")
-    (package / "pyproject.toml").write_text(guide_block("`pyproject.toml`:", "toml"), encoding="utf-8")
-    (package / "nexus_plugin_acme").mkdir()
-    (package / "nexus_plugin_acme" / "__init__.py").write_text(
-        guide_block("`nexus_plugin_acme/__init__.py`:", "python"), encoding="utf-8")
-    pip("install", "--no-deps", "--no-build-isolation", str(package))
-    try:
+    with guide_package_installed(tmp_path_factory.mktemp("guide"), '## A complete third-party plugin', "nexus-plugin-acme", "nexus_plugin_acme") as package:
         yield package
-    finally:
-        pip("uninstall", "-y", "nexus-plugin-acme")
 
 
 async def test_pip_installed_plugin_is_listed_and_serves(acme_installed: Path, fake_backend: BackendFactory,

@@ -8,9 +8,6 @@ by a real `nexus serve` through its entry point only, and uninstalled afterwards
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,38 +15,22 @@ import aiohttp
 import pytest
 
 from nexus.testing import CHAT, BackendFactory, FakeBackend
-from tests.plugins.support import REPO, nexus_env, run_nexus_async, serve_nexus, wait_for_health
+from tests.plugins.support import (
+    guide_package_installed,
+    nexus_env,
+    run_nexus_async,
+    serve_nexus,
+    wait_for_health,
+)
 
 SECTION = "## A complete reconciler plugin"
 STAGE = "prefix_exclusion"
 
 
-def guide_block(after: str, language: str) -> str:
-    text = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
-    section = text[text.index(SECTION):]
-    start = section.index(after)
-    match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(section, start)
-    assert match is not None, f"no {language} block after {after!r} in docs/plugins.md"
-    return match.group(1)
-
-
-def pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
-                   check=True, capture_output=True, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def prefix_installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    package = tmp_path_factory.mktemp("nexus-reconciler-prefix")
-    (package / "pyproject.toml").write_text(guide_block("`pyproject.toml`", "toml"), encoding="utf-8")
-    (package / "nexus_reconciler_prefix").mkdir()
-    (package / "nexus_reconciler_prefix" / "__init__.py").write_text(
-        guide_block("`nexus_reconciler_prefix/__init__.py`:", "python"), encoding="utf-8")
-    pip("install", "--no-deps", "--no-build-isolation", str(package))
-    try:
+    with guide_package_installed(tmp_path_factory.mktemp("guide"), SECTION, "nexus-reconciler-prefix", "nexus_reconciler_prefix") as package:
         yield package
-    finally:
-        pip("uninstall", "-y", "nexus-reconciler-prefix")
 
 
 def write_config(path: Path, backends: list[tuple[FakeBackend, int]], plugin_table: str) -> Path:

@@ -45,8 +45,9 @@ NexusFactory = Callable[..., Awaitable[RunningNexus]]
 async def fake_backend() -> AsyncIterator[BackendFactory]:
     started: list[FakeBackend] = []
 
-    async def make(**kwargs: Any) -> FakeBackend:
-        backend = await FakeBackend(**kwargs).start()
+    async def make(kind: type[FakeBackend] = FakeBackend, /, **kwargs: Any) -> FakeBackend:
+        """Start a fake (``kind``: FakeBackend or one of the native-API fakes); stopped after the test."""
+        backend = await kind(**kwargs).start()
         started.append(backend)
         return backend
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,3 +137,32 @@ async def serve_nexus(*args: str, cwd: Path, env: dict[str, str] | None = None,
                 proc.kill()
                 await proc.wait()
         await reader
+
+
+def guide_block(section: str, after: str, language: str) -> str:
+    """The first ``language`` code block after the line ``after`` in ``section`` of docs/plugins.md."""
+    text = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    part = text[text.index(section):]
+    match = re.compile(rf"```{language}\n(.*?)```", re.DOTALL).search(part, part.index(after))
+    assert match is not None, f"no {language} block after {after!r} in docs/plugins.md"
+    return match.group(1)
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                   check=True, capture_output=True, timeout=300)
+
+
+@contextmanager
+def guide_package_installed(base: Path, section: str, distribution: str, module: str) -> Iterator[Path]:
+    """Build the package shown in ``section`` of docs/plugins.md, pip-install it, uninstall it after."""
+    package = base / distribution
+    (package / module).mkdir(parents=True)
+    (package / "pyproject.toml").write_text(guide_block(section, "`pyproject.toml`", "toml"), encoding="utf-8")
+    (package / module / "__init__.py").write_text(
+        guide_block(section, f"`{module}/__init__.py`:", "python"), encoding="utf-8")
+    pip("install", "--no-deps", "--no-build-isolation", str(package))
+    try:
+        yield package
+    finally:
+        pip("uninstall", "-y", distribution)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 import nexus_plugin_exo
 from nexus.registry import Status
-from nexus.testing import CHAT, NexusFactory, RunningNexus
+from nexus.testing import CHAT, BackendFactory, NexusFactory, RunningNexus
 from nexus.testing.exo import ExoCard, FakeExo
 from nexus_plugin_exo import ExoAdapter
 
@@ -29,18 +30,8 @@ FakeFactory = Callable[..., Awaitable[FakeExo]]
 
 
 @pytest.fixture
-async def exo() -> AsyncIterator[FakeFactory]:
-    started: list[FakeExo] = []
-
-    async def make(**kwargs: Any) -> FakeExo:
-        fake = FakeExo(**kwargs)
-        await fake.start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        await fake.stop()
+def exo(fake_backend: BackendFactory) -> FakeFactory:
+    return functools.partial(fake_backend, FakeExo)  # type: ignore[return-value]
 
 
 async def gateway(nexus: NexusFactory, fake: FakeExo, **backend: Any) -> RunningNexus:

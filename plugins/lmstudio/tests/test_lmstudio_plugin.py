@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,8 @@ FakeFactory = Callable[..., Awaitable[FakeLMStudio]]
 
 
 @pytest.fixture
-async def lmstudio() -> AsyncIterator[FakeFactory]:
-    started: list[FakeLMStudio] = []
-
-    async def make(**kwargs: Any) -> FakeLMStudio:
-        fake = FakeLMStudio(**kwargs)
-        await fake.start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        await fake.stop()
+def lmstudio(fake_backend: BackendFactory) -> FakeFactory:
+    return functools.partial(fake_backend, FakeLMStudio)  # type: ignore[return-value]
 
 
 async def gateway(nexus: NexusFactory, *fakes: FakeLMStudio) -> RunningNexus:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import asyncio
 import base64
 import json
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,7 @@ from nexus import ProbeFailed
 from nexus.config import BackendConfig
 from nexus.errors import ModelNotFound
 from nexus.registry import Backend, Status
-from nexus.testing import CHAT, FakeBackend, NexusFactory, RunningNexus, chunk, completion
+from nexus.testing import CHAT, BackendFactory, FakeBackend, NexusFactory, RunningNexus, chunk, completion
 from nexus.testing.ollama import FakeOllama, OllamaModel, vector
 from nexus_plugin_ollama import OllamaAdapter
 
@@ -44,18 +45,8 @@ def catalog(*models: OllamaModel) -> list[OllamaModel]:
 
 
 @pytest.fixture
-async def ollama() -> AsyncIterator[OllamaFactory]:
-    started: list[FakeOllama] = []
-
-    async def make(**kwargs: Any) -> FakeOllama:
-        fake = FakeOllama(**kwargs)
-        await fake.start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        await fake.stop()
+def ollama(fake_backend: BackendFactory) -> OllamaFactory:
+    return functools.partial(fake_backend, FakeOllama)  # type: ignore[return-value]
 
 
 def entry(fake: FakeBackend, name: str = "ollama", **extra: Any) -> dict[str, Any]:
