@@ -168,6 +168,7 @@ class Proxy:
             if backend.at_capacity:  # filled up since routing: not a failure, just not this one
                 continue
             record.attempt(attempt)
+            backend.quality.start_trial()  # no-op unless the backend is excluded and this is its trial
             adapter = backend.adapter
             out = body
             if attempt.model != record.model:

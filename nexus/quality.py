@@ -63,6 +63,20 @@ class BackendQuality:
             bucket.ttft_sum += ttft_ms
             bucket.ttft_count += 1
 
+    def start_trial(self) -> None:
+        """An excluded backend is being tried: no other request may try it until the
+        outcome is known or the cool-down passes again."""
+        if self.excluded:
+            self.trial_at = time.monotonic() + self._cooldown
+
+    @property
+    def has_history(self) -> bool:
+        return bool(self._buckets)
+
+    def blocks(self, now: float) -> bool:
+        """Excluded, with no trial due yet (``now`` is ``time.monotonic()``)."""
+        return self.excluded and now < self.trial_at
+
     def reset(self) -> None:
         self._buckets.clear()
         self.excluded = False

@@ -113,8 +113,10 @@ class Backend:
         return self.max_concurrent is not None and self.pending >= self.max_concurrent
 
     def can_serve_now(self, now: float) -> bool:
-        """Healthy, below its concurrency cap, and not asked by the backend to wait."""
-        return self.healthy and not self.at_capacity and self.retry_after_until <= now
+        """Healthy, below its concurrency cap, not asked by the backend to wait, and not
+        excluded for its error rate (``now`` is ``time.monotonic()``)."""
+        return (self.healthy and not self.at_capacity and self.retry_after_until <= now
+                and not self.quality.blocks(now))
 
     def set_status(self, status: Status, error: str | None = None) -> None:
         if status is not self.status:

@@ -64,7 +64,7 @@ class Stats:
                     "source": b.source, "zone": b.zone, "tier": b.tier,
                     "requests": b.total_requests, "pending": b.pending, "max_concurrent": b.max_concurrent,
                     "average_latency_ms": round(b.avg_latency_ms, 1),
-                    "quality": b.quality.snapshot(),
+                    **({"quality": b.quality.snapshot()} if b.quality.has_history else {}),
                 }
                 for b in sorted(registry.all(), key=lambda b: b.name)
             ],

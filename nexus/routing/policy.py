@@ -85,12 +85,12 @@ class Privacy:
 
 
 def flexible(intent: RoutingIntent) -> bool:
-    """Tier mode from the request: ``X-Nexus-Strict`` (any value) wins; otherwise
-    ``X-Nexus-Flexible: true`` (case-insensitive) is flexible; anything else is strict."""
+    """Tier mode from the request (upstream §2.11): ``X-Nexus-Strict`` (any value) wins;
+    otherwise exactly ``X-Nexus-Flexible: true`` is flexible; anything else is strict."""
     headers = intent.headers
     if "X-Nexus-Strict" in headers:
         return False
-    return headers.get("X-Nexus-Flexible", "").strip().lower() == "true"
+    return headers.get("X-Nexus-Flexible") == "true"
 
 
 class Tiers:

@@ -20,7 +20,6 @@ class QualityGate:
 
     def __init__(self, context: ReconcilerContext) -> None:
         self.threshold = context.config.quality.error_rate_threshold
-        self.cooldown = context.config.quality.retry_after_seconds
 
     def reconcile(self, intent: RoutingIntent) -> None:
         now = 0.0
@@ -29,8 +28,7 @@ class QualityGate:
             if not quality.excluded:
                 continue
             now = now or time.monotonic()
-            if now >= quality.trial_at:
-                quality.trial_at = now + self.cooldown  # this request is the one trial
+            if now >= quality.trial_at:  # eligible for the one trial; spent only if it is tried
                 intent.annotate("quality_trial", candidate.id)
                 continue
             intent.exclude(
