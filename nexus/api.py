@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -26,12 +27,14 @@ from nexus.gateway import Gateway
 from nexus.registry import Backend
 from nexus.logs import request_id_var
 from nexus.routing.analysis import analyse_chat, analyse_completion, analyse_embedding
+from nexus.proxy import CapacityLost
 from nexus.queue import priority_of
 from nexus.routing.intent import Requirements
 from nexus.routing.router import RoutePlan, Unavailable
 
 log = logging.getLogger("nexus.api")
 GATEWAY = web.AppKey("gateway", Gateway)
+_MAX_REQUEUES = 3  # a request that keeps losing its slot to others gets a 503 after this many rounds
 _encode = msgspec.json.Encoder().encode
 Analyse = Callable[[bytes], tuple[str, Requirements]]
 
@@ -78,17 +81,26 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
         def route() -> RoutePlan:
             return gateway.router.plan(model, requirements, request_id=request_id, headers=request.headers)
 
-        try:
-            try:
-                plan = route()
-            except Unavailable as unavailable:
-                plan = await gateway.queue.wait(route, unavailable,
-                                                priority_of(request.headers.get("X-Nexus-Priority")))
-        except NexusError as refused:
-            gateway.stats.refused(refused.status)
-            raise
+        priority = priority_of(request.headers.get("X-Nexus-Priority"))
         assert gateway.proxy is not None
-        return await gateway.proxy.forward(request, endpoint, body, plan, stream=requirements.stream)
+        for _ in range(_MAX_REQUEUES):
+            try:
+                try:
+                    plan = route()
+                except Unavailable as unavailable:
+                    plan = await gateway.queue.wait(route, unavailable, priority)
+            except NexusError as refused:
+                gateway.stats.refused(refused.status)
+                raise
+            except asyncio.CancelledError:
+                gateway.stats.cancelled_in_queue()
+                raise
+            try:
+                return await gateway.proxy.forward(request, endpoint, body, plan, stream=requirements.stream)
+            except CapacityLost as lost:  # another request took the slot first: wait for the next one
+                last_lost = lost
+        gateway.stats.refused(last_lost.status)
+        raise last_lost
 
     handler.__name__ = endpoint.rsplit("/", 1)[-1].replace("-", "_")
     return handler

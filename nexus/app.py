@@ -145,6 +145,7 @@ def create_app(
         await gateway.stop()
 
     async def cut_streams(_: web.Application) -> None:
+        gateway.queue.close()  # queued requests: 503 Retry-After: 5 at once, not after the grace period
         if gateway.proxy is not None:
             gateway.proxy.shutdown()
 

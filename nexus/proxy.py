@@ -30,7 +30,7 @@ from nexus.body import rewrite_model
 from nexus.config import ServerConfig
 from nexus.errors import BadGateway, GatewayTimeout, InvalidRequest, NexusError, ServiceUnavailable
 from nexus.logs import request_id_var
-from nexus.routing.router import Attempt, RoutePlan
+from nexus.routing.router import Attempt, RoutePlan, Unavailable
 
 log = logging.getLogger("nexus.proxy")
 _encode = msgspec.json.Encoder().encode
@@ -64,6 +64,11 @@ class _Failed(Exception):
     def __init__(self, error: NexusError) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+class CapacityLost(Unavailable):
+    """Every backend of the plan filled up before the request could be sent (e.g. a queued
+    request was dispatched but another took the slot first): route or queue it again."""
 
 
 def _error_event(message: str, code: str) -> bytes:
@@ -147,6 +152,9 @@ class Proxy:
         record = RequestRecord(endpoint, plan.first.requested_model, stream)
         try:
             return await self._attempts(request, endpoint, body, plan, record)
+        except CapacityLost:
+            record.outcome = "requeued"  # not an outcome yet: the caller routes it again
+            raise
         except asyncio.CancelledError:
             record.outcome = "cancelled"
             raise
@@ -154,8 +162,9 @@ class Proxy:
             record.status, record.error = exc.status, exc.message
             raise
         finally:
-            record.log()
-            self.on_record(record)
+            if record.outcome != "requeued":
+                record.log()
+                self.on_record(record)
 
     async def _attempts(self, request: web.Request, endpoint: str, body: bytes, plan: RoutePlan,
                         record: RequestRecord) -> web.StreamResponse:
@@ -167,8 +176,12 @@ class Proxy:
             backend = attempt.candidate.backend
             if backend.at_capacity:  # filled up since routing: not a failure, just not this one
                 continue
+            quality = backend.quality
+            if quality.excluded:  # only its one half-open trial may reach it
+                if quality.blocks(time.monotonic()):
+                    continue
+                quality.start_trial()
             record.attempt(attempt)
-            backend.quality.start_trial()  # no-op unless the backend is excluded and this is its trial
             adapter = backend.adapter
             out = body
             if attempt.model != record.model:
@@ -200,7 +213,8 @@ class Proxy:
                 backend.quality.record(record.outcome != "interrupted", (first_byte - started) * 1000)
             return response
         if last is None:  # every candidate filled up between routing and sending
-            raise ServiceUnavailable("All backends for this model are at capacity", headers={"Retry-After": "1"})
+            raise CapacityLost(ServiceUnavailable("All backends for this model are at capacity",
+                                                  headers={"Retry-After": "1"}), None)
         record.retries -= 1  # the last failure is not a retry
         raise last
 

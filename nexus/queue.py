@@ -129,7 +129,8 @@ class RequestQueue:
     def _wake_in(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
         when = loop.time() + seconds
-        if self._wakeup is None or self._wakeup.cancelled() or when < self._wakeup.when():
+        current = self._wakeup
+        if current is None or current.cancelled() or current.when() <= loop.time() or when < current.when():
             if self._wakeup is not None:
                 self._wakeup.cancel()
             self._wakeup = loop.call_at(when, self.dispatch)

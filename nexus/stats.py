@@ -42,6 +42,10 @@ class Stats:
         model.prompt_tokens += record.prompt_tokens or 0
         model.completion_tokens += record.completion_tokens or 0
 
+    def cancelled_in_queue(self) -> None:
+        """The client gave up while its request waited in the queue."""
+        self.outcomes["cancelled"] += 1
+
     def refused(self, status: int) -> None:
         """A request answered with an error before any backend was tried (routing, queue)."""
         self.outcomes["error"] += 1

@@ -352,6 +352,42 @@ async def test_half_open_trial_failure_costs_the_client_nothing_and_success_brin
         assert (status, headers["X-Nexus-Backend"]) == (200, "a-flaky")
 
 
+async def test_half_open_trial_comes_after_the_configured_cool_down(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
+    flaky = await fake_backend(name="a-flaky", mode="status:500")
+    good = await fake_backend(name="b-good")
+    gw = await nexus({"quality": {"retry_after_seconds": 0.15},
+                      "backends": [backend_entry(flaky, priority=1), backend_entry(good, priority=50)]})
+    await chat(http, gw)
+    recompute(gw)
+    quality = gw.gateway.registry.get("a-flaky").quality  # type: ignore[union-attr]
+    assert quality.excluded
+    flaky.mode = "ok"  # recovered, but the cool-down is not over yet
+    status, headers = await chat(http, gw)
+    assert (status, headers["X-Nexus-Backend"]) == (200, "b-good") and len(flaky.chats) == 1
+    await asyncio.sleep(max(0.0, quality.trial_at - time.monotonic()))  # the cool-down itself is under test
+    status, headers = await chat(http, gw)
+    assert (status, headers["X-Nexus-Backend"]) == (200, "a-flaky")
+    assert not quality.excluded
+
+
+async def test_concurrent_requests_share_a_single_half_open_trial(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
+    stuck = await fake_backend(name="a-stuck", mode="hang")  # each attempt there ends in a timeout
+    flaky = await fake_backend(name="z-flaky", mode="status:500")
+    gw = await nexus({"server": {"request_timeout_seconds": 0.2},
+                      "backends": [backend_entry(stuck, priority=1), backend_entry(flaky, priority=90)]})
+    quality = gw.gateway.registry.get("z-flaky").quality  # type: ignore[union-attr]
+    outcomes(quality, failed=3, at=time.time())
+    recompute(gw)
+    assert quality.excluded
+    quality.trial_at = time.monotonic() - 0.001  # the cool-down ran out
+    results = await asyncio.gather(chat(http, gw), chat(http, gw), chat(http, gw))
+    assert all(status in (502, 504) for status, _ in results)  # every attempt failed either way
+    assert len(stuck.chats) == 3
+    assert len(flaky.chats) == 1  # one trial, not one per request routed while it was due
+
+
 async def test_gateway_quality_loop_recomputes_on_its_interval(fake_backend: BackendFactory, nexus: NexusFactory,
                                                                http: aiohttp.ClientSession) -> None:
     flaky = await fake_backend(name="a-flaky", mode="status:500")

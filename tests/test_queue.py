@@ -239,11 +239,6 @@ async def test_backend_retry_after_queues_requests_until_it_runs_out(
     assert said(backend) == ["first", "second"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nexus/queue.py RequestQueue._wake_in keeps self._wakeup after its timer fired; a fired TimerHandle is not "
-    "cancelled and its when() lies in the past, so `when < self._wakeup.when()` is false for every later "
-    "Retry-After and no new timer is scheduled: after the first Retry-After wake-up, requests queued behind "
-    "a backend's Retry-After wait until max_wait_seconds (503) unless another event dispatches them"))
 async def test_a_second_retry_after_episode_also_wakes_the_queue(
         fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
     backend = await fake_backend(mode="status:429", retry_after="0.2")
@@ -261,9 +256,6 @@ async def test_a_second_retry_after_episode_also_wakes_the_queue(
         assert waiting.result()[0] == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nexus/queue.py RequestQueue._wake_in: once a wake-up timer has fired, later calls never schedule another "
-    "(the fired handle is neither None nor cancelled and its when() is in the past)"))
 async def test_queue_wake_up_timer_is_rearmed_after_it_fired() -> None:
     queue = RequestQueue(QueueConfig(max_size=10, max_wait_seconds=5))
     free_at = [time.monotonic() + 0.02]
@@ -285,11 +277,6 @@ async def test_queue_wake_up_timer_is_rearmed_after_it_fired() -> None:
 # -- shutdown and clients that give up -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nexus/app.py: the queue is closed only in gateway.stop(), run from the cleanup context, which aiohttp "
-    "runs after AppRunner.cleanup() has waited shutdown_timeout for in-flight handlers; on_shutdown (cut_streams) "
-    "does not close the queue, so a queued request is not answered 503 Retry-After: 5 at shutdown - it waits "
-    "until its max_wait timeout or is cancelled (connection dropped) when the shutdown timeout runs out"))
 async def test_shutdown_answers_queued_requests_503_retry_after_5(
         fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
     backend = await fake_backend(models_status=500)
@@ -370,6 +357,21 @@ async def test_client_that_gives_up_leaves_the_queue_empty(fake_backend: Backend
     assert gw.gateway.queue.dispatched == 0
 
 
+async def test_client_that_gives_up_while_queued_is_recorded_as_cancelled(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
+    gw, backend = await capped(fake_backend, nexus)
+    async with Held(http, gw, backend) as held:
+        quitter = asyncio.ensure_future(chat(http, gw, say("gave up")))
+        await until(lambda: depth(gw) == 1)
+        quitter.cancel()
+        await until(lambda: depth(gw) == 0)
+        await held.finish()
+    async with http.get(f"{gw.url}/v1/stats") as resp:
+        requests = (await resp.json())["requests"]
+    assert requests["cancelled"] == 1
+    assert requests["total"] == 2  # the held stream and the one that gave up
+
+
 # -- what is never queued ------------------------------------------------------------------
 
 
@@ -406,12 +408,6 @@ async def test_privacy_and_tier_rejections_are_503_at_once_never_queued(
     assert cloud.chats == [] and small.chats == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nexus/routing/router.py Router._no_route returns a queueable Unavailable only when *every* exclusion is "
-    "of kind 'unavailable'; the privacy exclusion of an open backend (kind 'policy') makes a request whose only "
-    "eligible (restricted) backend is merely busy at its cap a plain 503 at once - so with a restricted policy "
-    "on a mixed-zone fleet (or a strict tier policy with lower-tier backends) requests never queue for capacity, "
-    "contrary to issue 5 item 5 / CONTRACT §4 (queue when every eligible candidate is at its cap)"))
 async def test_request_waits_for_a_busy_restricted_backend_while_an_open_one_is_free(
         fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
     local = await fake_backend(name="local", mode="slow")
@@ -430,11 +426,6 @@ async def test_request_waits_for_a_busy_restricted_backend_while_an_open_one_is_
     assert cloud.chats == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nexus/proxy.py Proxy._attempts skips a backend that filled up between routing and sending and, when every "
-    "attempt was skipped, answers 503 'All backends for this model are at capacity'; a queued request that was "
-    "dispatched (RequestQueue.dispatch hands out a plan without reserving the slot) loses the slot to any "
-    "request routed before it resumes and is answered 503 instead of going back to the queue"))
 async def test_dispatched_request_that_loses_its_slot_keeps_waiting(
         fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
     gw, backend = await capped(fake_backend, nexus)

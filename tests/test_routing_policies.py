@@ -183,8 +183,8 @@ async def test_client_sent_privacy_zone_header_is_ignored(fake_backend: BackendF
      "a-cloud"),
     ([{"model_pattern": "test-model", "privacy": "restricted"}, {"model_pattern": "test-*", "privacy": "unrestricted"}],
      "b-local"),
-    ([{"model_pattern": "other-*", "privacy": "unrestricted"}, {"model_pattern": "t?st-{model,x}", "privacy": "restricted"}],
-     "b-local"),
+    ([{"model_pattern": "other-*", "privacy": "unrestricted"},
+      {"model_pattern": "t?st-{model,x}", "privacy": "restricted"}], "b-local"),
 ])
 async def test_first_matching_policy_wins(policies: list[dict[str, Any]], expected: str, fake_backend: BackendFactory,
                                           nexus: NexusFactory, http: aiohttp.ClientSession) -> None:

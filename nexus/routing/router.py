@@ -186,9 +186,10 @@ class Router:
             }
         log.warning("Routing failure for %s: %s", requested, message)
         error = ServiceUnavailable(message, context=context, headers=headers)
-        if exclusions and all(e.kind == "unavailable" for e in exclusions):
-            # Only transient reasons (unhealthy, loading, at capacity, asked to wait): the
-            # request may wait in the queue for capacity (CONTRACT §4).
+        if any(e.kind == "unavailable" for e in exclusions):
+            # Some backend that policy allows is held back only for a transient reason
+            # (unhealthy, loading, at capacity, asked to wait): the request may wait in the
+            # queue for it (CONTRACT §4). Policy exclusions are final, so they alone never queue.
             return Unavailable(error, min(waits) if waits else None)
         return error
 
