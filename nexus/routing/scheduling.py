@@ -16,23 +16,24 @@ def smart_score(candidate: Candidate, weights: WeightsConfig, ttft_threshold_ms:
     """Upstream §5.4: integer score over priority (lower is better), load and latency,
     less the TTFT penalty: above ``ttft_threshold_ms`` (0: off) the score shrinks in
     proportion, down to 0 at twice the threshold."""
-    return _score(candidate, weights.priority, weights.load, weights.latency, ttft_threshold_ms)
+    return smart_scores([candidate], weights.priority, weights.load, weights.latency, ttft_threshold_ms)[0]
 
 
-def _score(candidate: Candidate, w_priority: int, w_load: int, w_latency: int, ttft_threshold_ms: float) -> int:
-    priority = candidate.priority
-    priority = 0 if priority < 0 else 100 if priority > 100 else priority
-    backend = candidate.backend
-    load = backend.pending
-    load = load if load < 100 else 100
-    latency = int(backend.avg_latency_ms) // 10
-    latency = latency if latency < 100 else 100
-    score = ((100 - priority) * w_priority + (100 - load) * w_load + (100 - latency) * w_latency) // 100
+def smart_scores(candidates: list[Candidate], w_priority: int, w_load: int, w_latency: int,
+                 ttft_threshold_ms: float) -> list[int]:
+    """:func:`smart_score` of every candidate, in one pass (this runs for every request)."""
+    scores = [
+        ((100 - (0 if (p := c.priority) < 0 else 100 if p > 100 else p)) * w_priority
+         + (100 - (n if (n := (b := c.backend).pending) < 100 else 100)) * w_load
+         + (100 - (ms if (ms := int(b.avg_latency_ms) // 10) < 100 else 100)) * w_latency) // 100
+        for c in candidates
+    ]
     if ttft_threshold_ms:
-        ttft = backend.quality.avg_ttft_ms
-        if ttft > ttft_threshold_ms:
-            score -= int(score * min((ttft - ttft_threshold_ms) / ttft_threshold_ms, 1.0))
-    return score
+        for i, c in enumerate(candidates):
+            ttft = c.backend.quality.avg_ttft_ms
+            if ttft > ttft_threshold_ms:
+                scores[i] -= int(scores[i] * min((ttft - ttft_threshold_ms) / ttft_threshold_ms, 1.0))
+    return scores
 
 
 class Scheduling:
@@ -102,11 +103,10 @@ class Scheduling:
 
     def _smart(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
         w = self.weights
-        threshold = self.ttft_threshold
-        scores = [-_score(c, w.priority, w.load, w.latency, threshold) for c in candidates]
-        order = sorted(range(len(candidates)), key=scores.__getitem__)  # stable: ties keep name order
+        scores = smart_scores(candidates, w.priority, w.load, w.latency, self.ttft_threshold)
+        order = sorted(range(len(candidates)), key=scores.__getitem__, reverse=True)  # stable: ties keep name order
         ranked = [candidates[i] for i in order]
-        return ranked, f"highest_score:{ranked[0].name}:{-scores[order[0]]}"
+        return ranked, f"highest_score:{ranked[0].name}:{scores[order[0]]}"
 
     def _priority(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
         ranked = sorted(candidates, key=lambda c: (c.priority, c.name))
