@@ -63,7 +63,8 @@ class Scheduling:
         healthy = Status.HEALTHY
         for candidate in intent.candidates:
             backend = candidate.backend
-            if backend.status is healthy and backend.max_concurrent is None and not backend.retry_after_until:
+            cap = backend.max_concurrent
+            if backend.status is healthy and (cap is None or backend.pending < cap) and not backend.retry_after_until:
                 continue  # the common case, checked without a call
             if not backend.healthy:
                 loading = backend.status is Status.LOADING
