@@ -12,6 +12,7 @@ is handed a ready plan; the next one is tried only after it started its request.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -63,7 +64,7 @@ class RequestQueue:
             raise ServiceUnavailable(
                 "All backends at capacity and the queue is full",
                 context=unavailable.context,
-                headers={**unavailable.headers, "Retry-After": str(max(1, round(self.max_wait)))},
+                headers={**unavailable.headers, "Retry-After": str(math.ceil(self.max_wait))},
             )
         waiter = _Waiter(route)
         self._waiting[priority].append(waiter)
@@ -77,8 +78,8 @@ class RequestQueue:
             self.timed_out += 1
             raise ServiceUnavailable(
                 "Request timed out in the queue waiting for capacity",
-                context={**unavailable.context, "eta_seconds": round(self.max_wait)},
-                headers={**unavailable.headers, "Retry-After": str(max(1, round(self.max_wait)))},
+                context={**unavailable.context, "eta_seconds": math.ceil(self.max_wait)},
+                headers={**unavailable.headers, "Retry-After": str(math.ceil(self.max_wait))},
             ) from None
         finally:
             self._discard(waiter)  # served, timed out, or the client gave up: never left behind
