@@ -63,6 +63,7 @@ class BackendAdapter:
         probe_timeout: float = 5.0,
         settings: Mapping[str, Any] | None = None,
     ) -> None:
+        self.check_spec(spec)  # also for backends added at run time or discovered
         self.spec = spec
         self.session = session
         self.api_key = api_key

@@ -11,10 +11,8 @@ capabilities, so those come from :mod:`nexus_plugin_openai.models`); a bad key g
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import aiohttp
 import msgspec
 
 from nexus import BackendAdapter, GenericAdapter, ModelInfo, ProbeFailed, hookimpl
@@ -75,18 +73,6 @@ class OpenAIAdapter(GenericAdapter):
                 f"backend {spec.name!r} of type 'openai' needs api_key_env, the name of the environment "
                 f"variable that holds the OpenAI key (e.g. api_key_env = \"OPENAI_API_KEY\")"
             )
-
-    def __init__(
-        self,
-        spec: BackendConfig,
-        session: aiohttp.ClientSession,
-        *,
-        api_key: str | None = None,
-        probe_timeout: float = 5.0,
-        settings: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.check_spec(spec)
-        super().__init__(spec, session, api_key=api_key, probe_timeout=probe_timeout, settings=settings)
 
     async def probe(self) -> list[ModelInfo] | None:
         """``GET /v1/models`` with the key; 401/403 name the auth problem, never the key."""
