@@ -314,8 +314,24 @@ def config_check(config_path: str) -> None:
         config = config_mod.build(config_mod.read_file(Path(config_path)), source=config_path)
     except ConfigError as exc:
         raise CliError(str(exc)) from None
-    _check_backend_types(config, _host())
+    host = _host()
+    _check_backend_types(config, host)
+    _check_plugin_settings(config, host)
     click.echo(f"{config_path} is valid: {len(config.backends)} backends, strategy {config.routing.strategy}")
+
+
+def _check_plugin_settings(config: config_mod.Config, host: PluginHost) -> None:
+    """Build the routing stages as ``serve`` would: a plugin that refuses its
+    ``[plugins.<name>]`` table is an error here (``serve`` reports it and runs without it)."""
+    from nexus.registry import Registry
+    from nexus.routing.intent import ReconcilerContext
+
+    before = {name: len(info.errors) for name, info in host.plugins.items()}
+    host.reconcilers(ReconcilerContext(config=config, registry=Registry()))
+    for name, info in host.plugins.items():
+        new = info.errors[before.get(name, 0):]
+        if new and name in config.plugins:
+            raise CliError(f"[plugins.{name}]: {new[0]}")
 
 
 @cli.command()

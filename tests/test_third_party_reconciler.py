@@ -110,3 +110,15 @@ async def test_a_bad_setting_is_reported_and_the_stage_skipped(prefix_installed:
         # A broken plugin never stops the server; without the stage, priority decides again.
         resp = await chat(http, served.url)
         assert (resp.status, resp.headers["X-Nexus-Backend"]) == (200, "canary-1")
+
+
+async def test_config_check_refuses_a_bad_plugin_setting(prefix_installed: Path, tmp_path: Path) -> None:
+    """`serve` runs without the refused stage; `config check` says so before you start it."""
+    config = tmp_path / "nexus.toml"
+    config.write_text("[plugins.prefix]\nexclude_prefix = 5\n", encoding="utf-8")
+    result = await run_nexus_async("config", "check", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("Error: [plugins.prefix]: ") and "exclude_prefix = 5 is invalid" in line
+    config.write_text('[plugins.prefix]\nexclude_prefix = "canary-"\n', encoding="utf-8")
+    assert (await run_nexus_async("config", "check", "-c", str(config), cwd=tmp_path)).returncode == 0
