@@ -29,6 +29,7 @@ from nexus.api import GATEWAY
 from nexus.app import NexusRunner, create_app
 from nexus.gateway import Gateway
 from nexus.plugins import create_host
+from nexus.testing import serve_app
 
 LOOPBACK = "127.0.0.1"
 DEADLINE = 10.0
@@ -145,13 +146,9 @@ async def discovering_nexus() -> AsyncIterator[DiscoveringFactory]:
         raw.setdefault("health_check", {"interval_seconds": 3600})
         config = config_mod.build(raw, source="test")
         app = create_app(config, create_host(load_entry_points=False), health_check=True, discovery=True)
-        runner = NexusRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
-        await runner.setup()
-        site = web.TCPSite(runner, LOOPBACK, 0)
-        await site.start()
+        url, runner = await serve_app(app, LOOPBACK)
         runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return DiscoveringNexus(f"http://{LOOPBACK}:{port}", app, service_type)
+        return DiscoveringNexus(url, app, service_type)
 
     yield make
     for runner in runners:

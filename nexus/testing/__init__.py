@@ -5,7 +5,15 @@ documented API and records what it received.
 """
 
 from nexus.testing.fakes import FakeBackend, Received, chunk, completion, free_port
-from nexus.testing.fixtures import CHAT, BackendFactory, NexusFactory, RunningNexus, backend_entry
+from nexus.testing.fixtures import (
+    CHAT,
+    BackendFactory,
+    NexusFactory,
+    RunningNexus,
+    backend_entry,
+    installed_plugin,
+    serve_app,
+)
 
 __all__ = [
     "CHAT",
@@ -18,4 +26,6 @@ __all__ = [
     "chunk",
     "completion",
     "free_port",
+    "installed_plugin",
+    "serve_app",
 ]

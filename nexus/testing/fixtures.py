@@ -7,6 +7,11 @@ backend plugin's tests and third-party plugins' tests all use the same fixtures:
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +43,25 @@ class RunningNexus:
 
 
 BackendFactory = Callable[..., Awaitable[FakeBackend]]
+
+
+async def serve_app(app: web.Application, host: str = "127.0.0.1") -> tuple[str, NexusRunner]:
+    """Run ``app`` as ``nexus serve`` does, on a random port of ``host``; returns its URL."""
+    runner = NexusRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return f"http://{host}:{port}", runner
+
+
+def installed_plugin(name: str) -> dict[str, Any]:
+    """What ``nexus plugins --json`` (run as a fresh process, no NEXUS_* variables) says of ``name``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    done = subprocess.run([sys.executable, "-m", "nexus", "plugins", "--json"], env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
+    listing: dict[str, dict[str, Any]] = {p["name"]: p for p in json.loads(done.stdout)}
+    return listing[name]
 NexusFactory = Callable[..., Awaitable[RunningNexus]]
 
 
@@ -73,13 +97,9 @@ async def nexus() -> AsyncIterator[NexusFactory]:
         config = config_mod.build(raw, source="test")
         host = create_host(load_entry_points=False, extra=extra_plugins)
         app = create_app(config, host, health_check=False, discovery=False)
-        runner = NexusRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
+        url, runner = await serve_app(app)
         runners.append(runner)
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        running = RunningNexus(f"http://127.0.0.1:{port}", app, runner)
+        running = RunningNexus(url, app, runner)
         if check:
             await running.check_health()
         return running

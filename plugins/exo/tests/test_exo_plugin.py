@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +12,7 @@ import pytest
 
 import nexus_plugin_exo
 from nexus.registry import Status
-from nexus.testing import CHAT, BackendFactory, NexusFactory, RunningNexus
+from nexus.testing import CHAT, BackendFactory, NexusFactory, RunningNexus, installed_plugin
 from nexus.testing.exo import ExoCard, FakeExo
 from nexus_plugin_exo import ExoAdapter
 
@@ -121,11 +117,8 @@ async def test_model_that_stopped_running_is_exo_s_404(nexus: NexusFactory, exo:
     assert state is not None and state.models == {}
 
 
-def test_nexus_plugins_lists_exo(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
-    done = subprocess.run([sys.executable, "-m", "nexus", "plugins", "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=30, check=True)
-    plugins = {p["name"]: p for p in json.loads(done.stdout)}
-    assert plugins["exo"]["source"] == "nexus-plugin-exo"
-    assert plugins["exo"]["version"] == nexus_plugin_exo.__version__
-    assert plugins["exo"]["errors"] == []
+def test_nexus_plugins_lists_exo() -> None:
+    listed = installed_plugin("exo")
+    assert listed["source"] == "nexus-plugin-exo"
+    assert listed["version"] == nexus_plugin_exo.__version__
+    assert listed["errors"] == []

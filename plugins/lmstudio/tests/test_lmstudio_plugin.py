@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +12,7 @@ import pytest
 
 import nexus_plugin_lmstudio
 from nexus.registry import Status
-from nexus.testing import CHAT, BackendFactory, NexusFactory, RunningNexus
+from nexus.testing import CHAT, BackendFactory, NexusFactory, RunningNexus, installed_plugin
 from nexus.testing.lmstudio import FakeLMStudio, LMModel
 from nexus_plugin_lmstudio import LMStudioAdapter
 
@@ -147,14 +143,11 @@ async def test_failing_model_list_marks_backend_unhealthy(nexus: NexusFactory, l
     assert state.last_error == "HTTP error: 500"
 
 
-def test_nexus_plugins_lists_lmstudio(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
-    done = subprocess.run([sys.executable, "-m", "nexus", "plugins", "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=30, check=True)
-    plugins = {p["name"]: p for p in json.loads(done.stdout)}
-    assert plugins["lmstudio"]["source"] == "nexus-plugin-lmstudio"
-    assert plugins["lmstudio"]["version"] == nexus_plugin_lmstudio.__version__
-    assert plugins["lmstudio"]["errors"] == []
+def test_nexus_plugins_lists_lmstudio() -> None:
+    listed = installed_plugin("lmstudio")
+    assert listed["source"] == "nexus-plugin-lmstudio"
+    assert listed["version"] == nexus_plugin_lmstudio.__version__
+    assert listed["errors"] == []
 
 
 async def test_type_detection_accepts_lm_studio_and_refuses_other_servers(nexus: NexusFactory,

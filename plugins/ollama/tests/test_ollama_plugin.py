@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import asyncio
 import base64
+import functools
 import json
 import struct
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,7 +19,16 @@ from nexus import ProbeFailed
 from nexus.config import BackendConfig
 from nexus.errors import ModelNotFound
 from nexus.registry import Backend, Status
-from nexus.testing import CHAT, BackendFactory, FakeBackend, NexusFactory, RunningNexus, chunk, completion
+from nexus.testing import (
+    CHAT,
+    BackendFactory,
+    FakeBackend,
+    NexusFactory,
+    RunningNexus,
+    chunk,
+    completion,
+    installed_plugin,
+)
 from nexus.testing.ollama import FakeOllama, OllamaModel, vector
 from nexus_plugin_ollama import OllamaAdapter
 
@@ -410,11 +417,9 @@ async def test_embeddings_requests_ollama_cannot_serve_are_refused(nexus: NexusF
 # -- packaging -------------------------------------------------------------------------------
 
 
-def test_nexus_plugins_lists_the_installed_plugin(tmp_path: Any) -> None:
-    result = subprocess.run([sys.executable, "-m", "nexus", "plugins", "--json"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60, check=True)
-    plugins = {p["name"]: p for p in json.loads(result.stdout)}
-    assert plugins["ollama"]["source"] == "nexus-plugin-ollama"
-    assert plugins["ollama"]["version"] == nexus_plugin_ollama.__version__
-    assert plugins["ollama"]["hooks"] == ["register_backend_types"]
-    assert plugins["ollama"]["errors"] == []
+def test_nexus_plugins_lists_the_installed_plugin() -> None:
+    listed = installed_plugin("ollama")
+    assert listed["source"] == "nexus-plugin-ollama"
+    assert listed["version"] == nexus_plugin_ollama.__version__
+    assert listed["hooks"] == ["register_backend_types"]
+    assert listed["errors"] == []
