@@ -144,11 +144,9 @@ def create_app(
         yield
         await gateway.stop()
 
-    async def cut_streams(_: web.Application) -> None:
-        gateway.queue.close()  # queued requests: 503 Retry-After: 5 at once, not after the grace period
-        if gateway.proxy is not None:
-            gateway.proxy.shutdown()
+    async def refuse_new_work(_: web.Application) -> None:
+        gateway.refuse_new_work()
 
     app.cleanup_ctx.append(lifecycle)
-    app.on_shutdown.append(cut_streams)
+    app.on_shutdown.append(refuse_new_work)
     return app

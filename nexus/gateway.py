@@ -91,10 +91,15 @@ class Gateway:
             if self.config.discovery.announce:
                 self._spawn(announce_gateway(self.config), "mDNS announcement")
 
-    async def stop(self) -> None:
+    def refuse_new_work(self) -> None:
+        """Shutdown begins: queued requests get 503 ``Retry-After: 5`` and open streams are cut
+        with an error event, at once rather than after the grace period."""
         self.queue.close()
         if self.proxy is not None:
             self.proxy.shutdown()
+
+    async def stop(self) -> None:
+        self.refuse_new_work()  # already done at shutdown when run by the app; idempotent
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
