@@ -28,6 +28,7 @@ from nexus.registry import Backend
 from nexus.logs import request_id_var
 from nexus.routing.analysis import analyse_chat, analyse_completion, analyse_embedding
 from nexus.proxy import CapacityLost
+from nexus.record import RequestRecord
 from nexus.queue import priority_of
 from nexus.routing.intent import Requirements
 from nexus.routing.router import RoutePlan, Unavailable
@@ -82,28 +83,36 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
             return gateway.router.plan(model, requirements, request_id=request_id, headers=request.headers)
 
         priority = priority_of(request.headers.get("X-Nexus-Priority"))
-        assert gateway.proxy is not None
-        for _ in range(_MAX_REQUEUES):
-            try:
-                try:
-                    plan = route()
-                except Unavailable as unavailable:
-                    plan = await gateway.queue.wait(route, unavailable, priority)
-            except NexusError as refused:
-                gateway.stats.refused(refused.status)
-                raise
-            except asyncio.CancelledError:
-                gateway.stats.cancelled_in_queue()
-                raise
-            try:
-                return await gateway.proxy.forward(request, endpoint, body, plan, stream=requirements.stream)
-            except CapacityLost as lost:  # another request took the slot first: wait for the next one
-                last_lost = lost
-        gateway.stats.refused(last_lost.status)
-        raise last_lost
+        record = RequestRecord(endpoint, model, requirements.stream, request_id=request_id)
+        try:
+            return await _serve(gateway, request, endpoint, body, route, priority, record)
+        except NexusError as exc:
+            record.outcome, record.status, record.error = "error", exc.status, exc.message
+            raise
+        except asyncio.CancelledError:
+            record.outcome = "cancelled"
+            raise
+        finally:
+            gateway.finish(record)
 
     handler.__name__ = endpoint.rsplit("/", 1)[-1].replace("-", "_")
     return handler
+
+
+async def _serve(gateway: Gateway, request: web.Request, endpoint: str, body: bytes,
+                 route: Callable[[], RoutePlan], priority: int, record: RequestRecord) -> web.StreamResponse:
+    """Route (waiting in the queue while every candidate is busy), then forward."""
+    assert gateway.proxy is not None
+    for _ in range(_MAX_REQUEUES):
+        try:
+            plan = route()
+        except Unavailable as unavailable:
+            plan = await gateway.queue.wait(route, unavailable, priority)
+        try:
+            return await gateway.proxy.forward(request, endpoint, body, plan, record)
+        except CapacityLost as lost:  # another request took the slot first: wait for the next one
+            last_lost = lost
+    raise last_lost
 
 
 chat_completions = _proxied("/v1/chat/completions", analyse_chat)

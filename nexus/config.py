@@ -90,6 +90,29 @@ class PolicyConfig(_Section):
     min_tier: int | None = None
 
 
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class PriceConfig(_Section):
+    """One model's price in USD per million tokens (``[routing.budget.prices."<model>"]``)."""
+
+    input: NonNegative
+    output: NonNegative
+    cached_input: NonNegative | None = None  # prompt tokens the provider served from its cache
+
+
+class BudgetConfig(_Section):
+    """``[routing.budget]``: monthly spending limit (UTC calendar month) and prices."""
+
+    monthly_limit_usd: NonNegative | None = None  # absent: spend is counted, nothing is limited
+    soft_limit_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 75.0
+    hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
+    reconciliation_interval_secs: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    default_max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 1024  # output reserved when a request sets none
+    local_usd_per_gpu_second: NonNegative = 0.0  # energy price of local inference; 0 = local is free
+    prices: dict[str, PriceConfig] = msgspec.field(default_factory=dict)
+
+
 class RoutingConfig(_Section):
     strategy: Strategy = "smart"
     max_retries: int = 2
@@ -97,6 +120,7 @@ class RoutingConfig(_Section):
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
     fallbacks: dict[str, list[str]] = msgspec.field(default_factory=dict)
     policies: list[PolicyConfig] = msgspec.field(default_factory=list)
+    budget: BudgetConfig = msgspec.field(default_factory=BudgetConfig)
 
 
 class QualityConfig(_Section):
@@ -125,6 +149,21 @@ class BackendConfig(_Section):
     max_concurrent: int | None = None
 
 
+class StateConfig(_Section):
+    """``[state]``: where spend, reservations, request history and quality history persist."""
+
+    backend: Literal["sqlite", "redis", "memory"] = "sqlite"
+    path: str | None = None  # sqlite file; default $XDG_DATA_HOME/nexus/state.db
+    url: str | None = None  # redis, e.g. redis://127.0.0.1:6379/0
+    key_prefix: str = "nexus"  # redis keys start with "<key_prefix>:"
+
+    def sqlite_path(self) -> Path:
+        if self.path:
+            return Path(self.path).expanduser()
+        data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(data_home) / "nexus" / "state.db"
+
+
 class LoggingConfig(_Section):
     level: LogLevel = "info"
     format: Literal["pretty", "json"] = "pretty"
@@ -141,6 +180,7 @@ class Config(_Section):
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     quality: QualityConfig = msgspec.field(default_factory=QualityConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
     plugins: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
@@ -417,6 +457,10 @@ def validate(config: Config, source: str = "config", origins: Mapping[str, str] 
     _check(config.queue.max_size >= 0, source, "queue.max_size", config.queue.max_size, "expected >= 0 (0 disables)")
     _check(config.queue.max_wait_seconds > 0, source, "queue.max_wait_seconds", config.queue.max_wait_seconds,
            "expected > 0")
+    st = config.state
+    if st.backend == "redis":
+        _check(bool(st.url) and urlsplit(st.url or "").scheme in ("redis", "rediss", "unix"), source, "state.url",
+               st.url, "expected a redis:// URL when state.backend = 'redis'")
     levels = LogLevel.__args__
     for component, level in config.logging.component_levels.items():
         _check(level in levels, source, f"logging.component_levels.{component}", level,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import aiohttp
 
@@ -20,6 +20,7 @@ from nexus.health import HealthChecker
 from nexus.plugins import PluginHost
 from nexus.proxy import Proxy
 from nexus.quality import BackendQuality
+from nexus.record import RequestRecord
 from nexus.queue import RequestQueue
 from nexus.stats import Stats
 from nexus.registry import Backend, Registry, Status
@@ -59,6 +60,8 @@ class Gateway:
         self.router = Router(self.registry, self.pipeline, config.routing)
         self.queue = RequestQueue(config.queue)
         self.stats = Stats()
+        # Called with every request's record when it ends (see nexus.record); cheap, non-blocking.
+        self.observers: list[Callable[[RequestRecord], None]] = [self.stats.record]
         self.health = HealthChecker(self.registry, config.health_check, on_healthy=self.queue.dispatch)
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
@@ -76,7 +79,6 @@ class Gateway:
         )
         self.proxy = Proxy(self.session, self.config.server)
         self.proxy.on_release = self.queue.dispatch
-        self.proxy.on_record = self.stats.record
         self.health_checking = health_check
         for spec in self.config.backends:
             self._settle(self.build_backend(spec, spec.name, "static"))
@@ -90,6 +92,17 @@ class Gateway:
                 self._start_source(plugin_name, source_cls)
             if self.config.discovery.announce:
                 self._spawn(announce_gateway(self.config), "mDNS announcement")
+
+    def finish(self, record: RequestRecord) -> None:
+        """A request ended: log it once and hand it to every observer (one failing observer
+        is logged and never affects the response or the other observers)."""
+        record.end()
+        record.log()
+        for observe in self.observers:
+            try:
+                observe(record)
+            except Exception:
+                log.exception("Request observer %r failed", observe)
 
     def refuse_new_work(self) -> None:
         """Shutdown begins: queued requests get 503 ``Retry-After: 5`` and open streams are cut

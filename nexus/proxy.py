@@ -18,7 +18,6 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -30,6 +29,7 @@ from nexus.body import rewrite_model
 from nexus.config import ServerConfig
 from nexus.errors import BadGateway, GatewayTimeout, InvalidRequest, NexusError, ServiceUnavailable
 from nexus.logs import request_id_var
+from nexus.record import RequestRecord
 from nexus.routing.router import Attempt, RoutePlan, Unavailable
 
 log = logging.getLogger("nexus.proxy")
@@ -76,43 +76,6 @@ def _error_event(message: str, code: str) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """What happened to one proxied request, logged as one line when it ends."""
-
-    endpoint: str
-    model: str  # as the client asked
-    stream: bool
-    started: float = field(default_factory=time.monotonic)
-    first_byte_at: float | None = None
-    backend: str | None = None
-    served_model: str | None = None
-    route_reason: str = ""
-    retries: int = 0
-    fallback: bool = False
-    status: int = 0
-    outcome: str = "error"  # success | error | cancelled | interrupted
-    ttft_ms: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    error: str | None = None
-
-    def attempt(self, attempt: Attempt) -> None:
-        self.backend = attempt.candidate.backend.id
-        self.served_model = attempt.model
-        self.fallback = attempt.fallback
-        self.route_reason = attempt.intent.route_reason
-
-    def log(self) -> None:
-        level = logging.INFO if self.outcome in ("success", "cancelled") else logging.WARNING
-        if not log.isEnabledFor(level):
-            return
-        fields = {k: getattr(self, k) for k in self.__slots__
-                  if k not in ("started", "first_byte_at") and getattr(self, k) is not None}
-        fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 1)
-        log.log(level, "%s %s -> %s %s", self.endpoint, self.model, self.status, self.outcome, extra=fields)
-
-
 def _events_end(buffer: bytes) -> int:
     """Index just past the last complete SSE event in ``buffer`` (0 if none)."""
     lf = buffer.rfind(b"\n\n")
@@ -131,7 +94,6 @@ class Proxy:
         self.shutting_down = False
         self._open_streams: set[aiohttp.ClientResponse] = set()
         self.on_release: Callable[[], None] = lambda: None  # capacity freed: the queue may dispatch
-        self.on_record: Callable[[RequestRecord], None] = lambda record: None  # every request's end
 
     def shutdown(self) -> None:
         """Cut every open upstream stream: each ends with an error event, never ``[DONE]``."""
@@ -145,26 +107,21 @@ class Proxy:
         endpoint: str,
         body: bytes,
         plan: RoutePlan,
-        *,
-        stream: bool,
+        record: RequestRecord,
     ) -> web.StreamResponse:
-        """Try each attempt of ``plan`` until one answers; raise the last failure otherwise."""
-        record = RequestRecord(endpoint, plan.first.requested_model, stream)
+        """Try each attempt of ``plan`` until one answers; raise the last failure otherwise.
+
+        ``record`` is filled in as the attempts go; the caller hands it to the observers."""
         try:
             return await self._attempts(request, endpoint, body, plan, record)
         except CapacityLost:
-            record.outcome = "requeued"  # not an outcome yet: the caller routes it again
-            raise
+            raise  # not an outcome yet: the caller routes it again
         except asyncio.CancelledError:
             record.outcome = "cancelled"
             raise
         except NexusError as exc:
-            record.status, record.error = exc.status, exc.message
+            record.outcome, record.status, record.error = "error", exc.status, exc.message
             raise
-        finally:
-            if record.outcome != "requeued":
-                record.log()
-                self.on_record(record)
 
     async def _attempts(self, request: web.Request, endpoint: str, body: bytes, plan: RoutePlan,
                         record: RequestRecord) -> web.StreamResponse:

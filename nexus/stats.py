@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nexus.proxy import RequestRecord
+    from nexus.record import RequestRecord
     from nexus.queue import RequestQueue
     from nexus.registry import Registry
     from nexus.routing.router import Pipeline
@@ -36,20 +36,13 @@ class Stats:
         self.outcomes[record.outcome] += 1
         if record.outcome == "error":
             self.error_statuses[record.status] += 1
+        if record.backend is None:  # refused before any backend was tried
+            return
         model = self.models.setdefault(record.served_model or record.model, _ModelStats())
         model.requests += 1
-        model.duration_ms += (time.monotonic() - record.started) * 1000
+        model.duration_ms += record.duration_ms or 0.0
         model.prompt_tokens += record.prompt_tokens or 0
         model.completion_tokens += record.completion_tokens or 0
-
-    def cancelled_in_queue(self) -> None:
-        """The client gave up while its request waited in the queue."""
-        self.outcomes["cancelled"] += 1
-
-    def refused(self, status: int) -> None:
-        """A request answered with an error before any backend was tried (routing, queue)."""
-        self.outcomes["error"] += 1
-        self.error_statuses[status] += 1
 
     def snapshot(self, registry: Registry, queue: RequestQueue, pipeline: Pipeline) -> dict[str, Any]:
         return {

@@ -84,6 +84,12 @@ def backend_entry(backend: FakeBackend, **extra: Any) -> dict[str, Any]:
     return {"name": backend.name, "url": backend.url, "type": "generic", **extra}
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test (nor a ``nexus serve`` it starts) reads or writes the user's own state file."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+
+
 @pytest.fixture
 async def nexus() -> AsyncIterator[NexusFactory]:
     """Start Nexus in-process. Health is checked once before returning (no loop runs),
@@ -94,6 +100,7 @@ async def nexus() -> AsyncIterator[NexusFactory]:
                    check: bool = True) -> RunningNexus:
         raw = dict(raw or {})
         raw.setdefault("health_check", {}).setdefault("failure_threshold", 1)
+        raw.setdefault("state", {"backend": "memory"})  # tests that check persistence say where
         config = config_mod.build(raw, source="test")
         host = create_host(load_entry_points=False, extra=extra_plugins)
         app = create_app(config, host, health_check=False, discovery=False)
