@@ -26,6 +26,7 @@ from nexus.errors import (
 from nexus.gateway import Gateway
 from nexus.registry import Backend
 from nexus.logs import request_id_var
+from nexus import metrics as metrics_mod, openapi
 from nexus.routing.analysis import analyse_chat, analyse_completion, analyse_embedding
 from nexus.proxy import CapacityLost
 from nexus.record import RequestRecord
@@ -85,7 +86,7 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
         priority = priority_of(request.headers.get("X-Nexus-Priority"))
         record = RequestRecord(endpoint, model, requirements.stream, request_id=request_id)
         try:
-            return await _serve(gateway, request, endpoint, body, route, priority, record)
+            return await _serve(gateway, request, endpoint, body, requirements, route, priority, record)
         except NexusError as exc:
             record.outcome, record.status, record.error = "error", exc.status, exc.message
             raise
@@ -99,20 +100,24 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
     return handler
 
 
-async def _serve(gateway: Gateway, request: web.Request, endpoint: str, body: bytes,
-                 route: Callable[[], RoutePlan], priority: int, record: RequestRecord) -> web.StreamResponse:
-    """Route (waiting in the queue while every candidate is busy), then forward."""
+async def _serve(gateway: Gateway, request: web.Request, endpoint: str, body: bytes, requirements: Requirements,
+                 route: Callable[[], RoutePlan], priority: str, record: RequestRecord) -> web.StreamResponse:
+    """Route (waiting in the queue while every candidate is busy), hold the budget, forward."""
     assert gateway.proxy is not None
+    budget = gateway.budget
     for _ in range(_MAX_REQUEUES):
         try:
             plan = route()
         except Unavailable as unavailable:
             plan = await gateway.queue.wait(route, unavailable, priority)
+        if record.reservation is None and not await budget.admit(plan, body, requirements, record):
+            last: NexusError = budget.refuse(plan)  # another request took what was left: route again
+            continue
         try:
             return await gateway.proxy.forward(request, endpoint, body, plan, record)
         except CapacityLost as lost:  # another request took the slot first: wait for the next one
-            last_lost = lost
-    raise last_lost
+            last = lost
+    raise last
 
 
 chat_completions = _proxied("/v1/chat/completions", analyse_chat)
@@ -188,7 +193,12 @@ def backend_view(b: Backend) -> dict[str, object]:
 async def stats(request: web.Request) -> web.Response:
     """``GET /v1/stats``: request counters, per-backend load and quality, per-model totals, queue."""
     gateway = request.app[GATEWAY]
-    return json_response(gateway.stats.snapshot(gateway.registry, gateway.queue, gateway.pipeline))
+    return json_response(gateway.stats.snapshot(gateway.registry, gateway.queue, gateway.pipeline, gateway.budget))
+
+
+async def history(request: web.Request) -> web.Response:
+    """``GET /v1/history``: the last 100 requests, oldest first (served from memory)."""
+    return json_response(request.app[GATEWAY].history.entries())
 
 
 async def list_backends(request: web.Request) -> web.Response:
@@ -244,6 +254,17 @@ async def remove_backend(request: web.Request) -> web.Response:
     return json_response({"removed": backend_id})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format; fleet, queue, quality and budget gauges read now."""
+    body = request.app[GATEWAY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": metrics_mod.CONTENT_TYPE})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 document of this API (built once, at import)."""
+    return web.Response(body=openapi.DOCUMENT, content_type="application/json")
+
+
 ROUTES = [
     web.post("/v1/chat/completions", chat_completions),
     web.post("/v1/completions", completions),
@@ -251,7 +272,10 @@ ROUTES = [
     web.get("/v1/models", list_models),
     web.get("/v1/backends", list_backends),
     web.get("/v1/stats", stats),
+    web.get("/v1/history", history),
     web.post("/v1/backends", add_backend),
     web.delete("/v1/backends/{backend_id}", remove_backend),
     web.get("/health", health),
+    web.get("/metrics", metrics),
+    web.get("/openapi.json", openapi_json),
 ]

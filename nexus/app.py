@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from nexus import api
+from nexus import api, live
 from nexus.config import Config
+from nexus.dashboard import page as dashboard_page
 from nexus.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -135,6 +136,8 @@ def create_app(
     app = web.Application(middlewares=[request_middleware], client_max_size=config.server.max_body_bytes)
     app[api.GATEWAY] = gateway
     app.add_routes(api.ROUTES)
+    live.setup(app)  # GET /ws
+    dashboard_page.setup(app, host)  # GET / and its static files
     host.add_routes(app.router)
     run_health = config.health_check.enabled if health_check is None else health_check
     run_discovery = config.discovery.enabled if discovery is None else discovery

@@ -11,6 +11,7 @@ from nexus.hookspecs import hookimpl
 from nexus.routing.analysis import RequestAnalysis
 from nexus.routing.intent import Reconciler
 from nexus.routing.policy import Privacy, Tiers
+from nexus.routing.budget import BudgetStage
 from nexus.routing.quality_gate import QualityGate
 from nexus.routing.scheduling import Scheduling
 
@@ -27,4 +28,4 @@ def register_discovery_sources() -> list[type[DiscoverySource]]:
 
 @hookimpl
 def register_reconcilers() -> list[type[Reconciler]]:
-    return [RequestAnalysis, Privacy, Tiers, QualityGate, Scheduling]
+    return [RequestAnalysis, Privacy, BudgetStage, Tiers, QualityGate, Scheduling]

@@ -116,6 +116,8 @@ def serve(config_path: str | None, port: int | None, host: str | None, log_level
     app = create_app(config, plugin_host)
     try:
         asyncio.run(_serve(app, config.server.host, config.server.port))
+    except ConfigError as exc:  # found while starting: e.g. an unusable state file or Redis
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}") from None
 

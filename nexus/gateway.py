@@ -17,9 +17,14 @@ from nexus.config import BackendConfig, Config
 from nexus.discovery import DiscoverySink
 from nexus.errors import ConfigError
 from nexus.health import HealthChecker
+from nexus.history import History
+from nexus.metrics import Metrics
 from nexus.plugins import PluginHost
 from nexus.proxy import Proxy
+from nexus.budget import Budget
+from nexus.pricing import PriceTable
 from nexus.quality import BackendQuality
+from nexus.state import open_store
 from nexus.record import RequestRecord
 from nexus.queue import RequestQueue
 from nexus.stats import Stats
@@ -56,13 +61,22 @@ class Gateway:
         self.adapter_types = host.backend_types()
         check_backend_types(config, self.adapter_types)
         self.registry = Registry()
-        self.pipeline = Pipeline(host.reconcilers(ReconcilerContext(config=config, registry=self.registry)))
+        self.store = open_store(config.state)
+        self.budget = Budget(config.routing.budget, self.store, PriceTable(config.routing.budget))
+        self.pipeline = Pipeline(host.reconcilers(ReconcilerContext(config=config, registry=self.registry,
+                                                                    budget=self.budget)))
         self.router = Router(self.registry, self.pipeline, config.routing)
         self.queue = RequestQueue(config.queue)
         self.stats = Stats()
         # Called with every request's record when it ends (see nexus.record); cheap, non-blocking.
-        self.observers: list[Callable[[RequestRecord], None]] = [self.stats.record]
+        self.observers: list[Callable[[RequestRecord], None]] = [self.stats.record, self.budget.settle]
+        self.history = History()  # /v1/history and the dashboard's feed; persisted once a store is open
+        self.observers.append(self.history.record)
         self.health = HealthChecker(self.registry, config.health_check, on_healthy=self.queue.dispatch)
+        self.metrics = Metrics(self)  # /metrics; after the budget's settle, so it sees each cost
+        self.observers.append(self.metrics.record)
+        self.pipeline.observe_run = self.metrics.routed
+        self.health.on_latency = self.metrics.backend_latency
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.sink: DiscoverySink | None = None
@@ -72,12 +86,14 @@ class Gateway:
     # -- lifecycle (called from the app's cleanup context) --------------------------------
 
     async def start(self, *, health_check: bool, discovery: bool) -> None:
+        await self.store.open()  # first: an unusable state store stops start-up before anything runs
+        await self.budget.refresh()
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=True,
         )
-        self.proxy = Proxy(self.session, self.config.server)
+        self.proxy = Proxy(self.session, self.config.server, self.budget)
         self.proxy.on_release = self.queue.dispatch
         self.health_checking = health_check
         for spec in self.config.backends:
@@ -85,6 +101,7 @@ class Gateway:
         if health_check:
             self._spawn(self.health.run(), "health checker")
         self._spawn(self._recompute_quality(), "quality tracker")
+        self._spawn(self.budget.run(self.config.server.request_timeout_seconds), "budget reconciliation")
         if discovery:
             self.sink = DiscoverySink(self.registry, self.config, self.build_backend, self._on_discovered,
                                       backend_types=self.adapter_types)
@@ -92,6 +109,9 @@ class Gateway:
                 self._start_source(plugin_name, source_cls)
             if self.config.discovery.announce:
                 self._spawn(announce_gateway(self.config), "mDNS announcement")
+        store = getattr(self, "store", None)  # the state store, once start() has opened it
+        if store is not None:
+            await self.history.load(store)
 
     def finish(self, record: RequestRecord) -> None:
         """A request ended: log it once and hand it to every observer (one failing observer
@@ -120,6 +140,8 @@ class Gateway:
             self.sink.close()
         if self.session is not None:
             await self.session.close()
+        await self.budget.drain()
+        await self.store.close()
 
     async def _recompute_quality(self) -> None:
         """Every ``quality.metrics_interval_seconds``: error rates, TTFT and exclusions."""

@@ -28,6 +28,9 @@ class HealthChecker:
         self.registry = registry
         self.config = config
         self.on_healthy = on_healthy  # a backend became healthy: queued requests may be served
+        self.on_latency: Callable[[Backend, float], None] | None = None  # a probe succeeded (seconds): metrics
+        # Called after every full cycle (the dashboard pushes BackendStatus); must not block.
+        self.on_cycle: Callable[[], None] | None = None
 
     async def run(self) -> None:
         """Check at once, then every ``interval_seconds`` until cancelled."""
@@ -39,6 +42,11 @@ class HealthChecker:
         backends = self.registry.all()
         await asyncio.gather(*(self.check(b) for b in backends))
         log.debug("Health cycle done: %d backends", len(backends))
+        if self.on_cycle is not None:
+            try:
+                self.on_cycle()
+            except Exception:  # a listener must never stop health checking
+                log.exception("Health cycle listener failed")
 
     async def check(self, backend: Backend) -> None:
         if backend.lost:  # its discovery source reported it gone: it stays unknown
@@ -75,6 +83,8 @@ class HealthChecker:
     def _success(self, backend: Backend, latency_ms: float, models: list[ModelInfo] | None) -> None:
         backend.consecutive_failures = 0
         backend.consecutive_successes += 1
+        if self.on_latency is not None:
+            self.on_latency(backend, latency_ms / 1000)
         old = backend.avg_latency_ms
         backend.avg_latency_ms = latency_ms if old == 0 else (latency_ms + 4 * old) / 5
         if models is not None:

@@ -8,7 +8,7 @@ what the hooks registered. Each hook is documented with its signature in
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from nexus.adapters.base import BackendAdapter
+    from nexus.dashboard import DashboardPanel
     from nexus.discovery import DiscoverySource
     from nexus.routing.intent import Reconciler
 
@@ -63,3 +64,12 @@ def register_commands(cli: click.Group) -> None:
 def register_routes() -> list[web.AbstractRouteDef]:
     """Return extra aiohttp route definitions (e.g. ``web.get("/x", handler)``)."""
 
+
+@hookspec
+def register_dashboard_panels() -> list[DashboardPanel | dict[str, Any]]:
+    """Return extra dashboard panels (``nexus.dashboard.DashboardPanel`` or dicts of its fields).
+
+    Each panel has a ``title`` and exactly one of ``template`` (a jinja2 template string,
+    autoescaped) or ``render`` (a callable taking the page data and returning text, or
+    ``markupsafe.Markup`` for HTML). Panels are rendered each time the page is served.
+    """

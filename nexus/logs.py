@@ -23,7 +23,7 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("nex
 _LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
            "warning": logging.WARNING, "error": logging.ERROR}
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
-_encode = msgspec.json.Encoder().encode
+_encode = msgspec.json.Encoder(enc_hook=str).encode  # an odd ``extra`` value is written as text, never fatal
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -95,12 +95,26 @@ class _Writer(threading.Thread):
                     batch.append(get_nowait())
             except queue.Empty:
                 pass
-            lines = [self.formatter.format(r) for r in batch if r is not None]
+            lines = [self._format(r) for r in batch if r is not None]
             if lines:
                 self.stream.write("\n".join(lines) + "\n")
                 self.stream.flush()
             if batch[-1] is None:
                 return
+
+    def _format(self, record: logging.LogRecord) -> str:
+        """One bad record (format arguments that do not match) must not stop the writer:
+        every later line would be lost. It becomes an ERROR line naming its template."""
+        try:
+            return self.formatter.format(record)
+        except Exception as exc:
+            return self.formatter.format(logging.makeLogRecord({
+                "name": record.name, "levelno": logging.ERROR, "levelname": "ERROR",
+                "msg": "Unformattable log record (%s: %s); template %r",
+                "args": (type(exc).__name__, exc, str(record.msg)[:200]),
+                "created": record.created, "msecs": record.msecs,
+                "request_id": getattr(record, "request_id", None),
+            }))
 
 
 class _EnqueueHandler(logging.Handler):
@@ -148,11 +162,17 @@ def setup(config: LoggingConfig, stream: TextIO | None = None) -> None:
     for component, level in config.component_levels.items():
         logging.getLogger(f"nexus.{component}").setLevel(level_number(level))
     if config.enable_content_logging:
-        print(
-            "WARNING: logging.enable_content_logging is on: prompt and completion text will be written to logs.\n"
-            "WARNING: do not enable this where logs are shared or retained.",
-            file=stream or sys.stderr,
-        )
+        if config.format == "json":  # one JSON line, so the stream stays parseable; shown at any level
+            handler.handle(logging.makeLogRecord({
+                "name": "nexus.logs", "levelno": logging.WARNING, "levelname": "WARNING",
+                "msg": "logging.enable_content_logging is on: prompt and completion text will be written to "
+                       "logs; do not enable this where logs are shared or retained."}))
+        else:
+            print(
+                "WARNING: logging.enable_content_logging is on: prompt and completion text will be written to logs.\n"
+                "WARNING: do not enable this where logs are shared or retained.",
+                file=stream or sys.stderr,
+            )
 
 
 def flush() -> None:

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from nexus.adapters.base import BackendAdapter
+    from nexus.dashboard import DashboardPanel
     from nexus.discovery import DiscoverySource
     from nexus.routing.intent import Reconciler, ReconcilerContext
 
@@ -146,6 +147,19 @@ class PluginHost:
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [route for _, routes in self._results("register_routes") for route in routes]
+
+    def dashboard_panels(self) -> list[tuple[str, DashboardPanel]]:
+        """``(plugin name, panel)`` pairs; a malformed panel is reported and skipped."""
+        from nexus.dashboard.panels import as_panel
+
+        panels: list[tuple[str, DashboardPanel]] = []
+        for name, items in self._results("register_dashboard_panels"):
+            for item in items:
+                try:
+                    panels.append((name, as_panel(item)))
+                except (TypeError, ValueError) as exc:
+                    self.report(name, f"dashboard panel skipped: {exc}")
+        return panels
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Add each plugin's routes to ``router``; a route that cannot be added (for example

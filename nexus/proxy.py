@@ -25,6 +25,7 @@ import msgspec
 from aiohttp import web
 
 from nexus.adapters.base import BackendAdapter
+from nexus.budget import Budget
 from nexus.body import rewrite_model
 from nexus.config import ServerConfig
 from nexus.errors import BadGateway, GatewayTimeout, InvalidRequest, NexusError, ServiceUnavailable
@@ -54,7 +55,22 @@ class _ResponsePeek(msgspec.Struct):
     usage: _Usage | None = None
 
 
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _StreamChoice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None  # legacy completions
+
+
+class _StreamChunk(msgspec.Struct):
+    choices: list[_StreamChoice] = []
+    usage: _Usage | None = None
+
+
 _decode_error_body = msgspec.json.Decoder(_ErrorBody).decode
+_decode_chunk = msgspec.json.Decoder(_StreamChunk).decode
 _validate_json = msgspec.json.Decoder(_ResponsePeek).decode
 
 
@@ -76,6 +92,41 @@ def _error_event(message: str, code: str) -> bytes:
     return b"data: " + _encode(payload) + b"\n\n"
 
 
+class _StreamMeter:
+    """Reads what a relayed stream says about its size: the usage chunk (OpenAI sends one
+    with ``stream_options.include_usage``; llama.cpp, vLLM and Ollama send one by default),
+    and -- only for a priced backend, in case no usage comes -- the streamed text."""
+
+    __slots__ = ("usage", "parts", "keep_text")
+
+    def __init__(self, keep_text: bool) -> None:
+        self.usage: _Usage | None = None
+        self.parts: list[str] = []
+        self.keep_text = keep_text
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.keep_text and b'"usage"' not in chunk:
+            return  # the common case for local backends: nothing to decode
+        for event in _split_events(chunk):
+            start = event.find(b"{")
+            if start < 0 or not event.startswith(b"data:"):
+                continue
+            try:
+                parsed = _decode_chunk(event[start:])
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            if parsed.usage is not None:
+                self.usage = parsed.usage
+            if self.keep_text:
+                for choice in parsed.choices:
+                    text = choice.delta.content if choice.delta is not None else choice.text
+                    if text:
+                        self.parts.append(text)
+
+    def text(self) -> str | None:
+        return "".join(self.parts) if self.keep_text else None
+
+
 def _events_end(buffer: bytes) -> int:
     """Index just past the last complete SSE event in ``buffer`` (0 if none)."""
     lf = buffer.rfind(b"\n\n")
@@ -86,8 +137,9 @@ def _events_end(buffer: bytes) -> int:
 class Proxy:
     """Sends requests to backends over one shared ``ClientSession``."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: ServerConfig) -> None:
+    def __init__(self, session: aiohttp.ClientSession, config: ServerConfig, budget: Budget) -> None:
         self.session = session
+        self.budget = budget
         self.first_byte_timeout = config.request_timeout_seconds
         self.unary_timeout = aiohttp.ClientTimeout(total=config.request_timeout_seconds)
         self.stream_timeout = aiohttp.ClientTimeout(total=None, sock_read=config.stream_idle_timeout_seconds)
@@ -150,7 +202,7 @@ class Proxy:
             headers["X-Request-Id"] = request_id
             backend.pending += 1
             backend.total_requests += 1
-            started = time.monotonic()
+            started = record.attempt_started = time.monotonic()
             try:
                 if record.stream:
                     response = await self._stream(request, attempt, url, out, headers, record)
@@ -220,7 +272,7 @@ class Proxy:
             raise _Failed(BadGateway(f"Backend {attempt.candidate.backend.id} rejected the key configured "
                                      f"for it (HTTP {status}); check its api_key_env"))
         record.status = status
-        headers = nexus_headers(attempt, record.retries)
+        headers = self._headers(attempt, record)
         try:
             _decode_error_body(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -254,7 +306,8 @@ class Proxy:
         if usage is not None:
             record.prompt_tokens, record.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         record.status, record.outcome = resp.status, "success"
-        headers = nexus_headers(attempt, record.retries)
+        self.budget.price_response(attempt, record, time.monotonic() - record.attempt_started)
+        headers = self._headers(attempt, record)
         headers["Content-Type"] = resp.headers.get("Content-Type", "application/json")
         return web.Response(body=data, status=resp.status, headers=headers)
 
@@ -288,7 +341,7 @@ class Proxy:
                      buffer: bytes, record: RequestRecord) -> web.StreamResponse:
         endpoint = record.endpoint
         record.status = resp.status
-        headers = nexus_headers(attempt, record.retries)
+        headers = self._headers(attempt, record)
         headers["Content-Type"] = resp.headers["Content-Type"]
         headers["Cache-Control"] = "no-cache"
         response = web.StreamResponse(status=resp.status, headers=headers)
@@ -297,6 +350,8 @@ class Proxy:
         done = False
         last_chunk = b""
         failure: str | None = None
+        backend = attempt.candidate.backend
+        meter = _StreamMeter(keep_text=backend.cloud and self.budget.prices.price(attempt.model) is not None)
         self._open_streams.add(resp)
         try:
             await response.prepare(request)
@@ -308,6 +363,7 @@ class Proxy:
                         chunk = translate(chunk)
                     done = done or b"[DONE]" in chunk
                     last_chunk = chunk
+                    meter.feed(chunk)
                     await response.write(chunk)
                 try:
                     data = await resp.content.readany()
@@ -325,6 +381,7 @@ class Proxy:
                     buffer = translate(buffer)
                 done = done or b"[DONE]" in buffer
                 last_chunk = buffer
+                meter.feed(buffer)
                 await response.write(buffer)
             if self.shutting_down and not done:
                 failure = "Nexus is shutting down; the stream was cut"
@@ -344,7 +401,22 @@ class Proxy:
         finally:
             self._open_streams.discard(resp)
             resp.close()
+            if meter.usage is not None:
+                record.prompt_tokens, record.completion_tokens = meter.usage.prompt_tokens, meter.usage.completion_tokens
+            self.budget.price_response(attempt, record, time.monotonic() - record.attempt_started, meter.text())
         return response
+
+    def _headers(self, attempt: Attempt, record: RequestRecord) -> dict[str, str]:
+        """The ``X-Nexus-*`` headers, with the cost (the real one for a complete body, the
+        reserved worst case for a stream) and the budget's status when it is not Normal."""
+        headers = nexus_headers(attempt, record.retries)
+        cost = record.cost_usd
+        if cost is not None and cost >= 0.00005:  # shown with 4 decimals, only when > 0
+            headers["X-Nexus-Cost-Estimated"] = f"{cost:.4f}"
+        budget_headers = self.budget.headers()
+        if budget_headers:
+            headers.update(budget_headers)
+        return headers
 
 
 class _TranslationFailed(Exception):

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from nexus.routing.router import Attempt
 
 log = logging.getLogger("nexus.proxy")
-_NOT_LOGGED = frozenset({"started", "first_byte_at", "timestamp", "request_id", "reservation"})
+_NOT_LOGGED = frozenset({"started", "attempt_started", "first_byte_at", "timestamp", "request_id", "reservation"})
 
 
 @dataclass(slots=True)
@@ -29,6 +29,7 @@ class RequestRecord:
     request_id: str = ""
     timestamp: float = field(default_factory=time.time)  # wall clock, when the request arrived
     started: float = field(default_factory=time.monotonic)
+    attempt_started: float = 0.0  # time.monotonic() when the current attempt was sent
     first_byte_at: float | None = None
     backend: str | None = None  # id of the backend that served (or last failed); None if none was tried
     backend_type: str | None = None  # "local" | "cloud"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from nexus.budget import Budget
     from nexus.record import RequestRecord
     from nexus.queue import RequestQueue
     from nexus.registry import Registry
@@ -44,8 +45,9 @@ class Stats:
         model.prompt_tokens += record.prompt_tokens or 0
         model.completion_tokens += record.completion_tokens or 0
 
-    def snapshot(self, registry: Registry, queue: RequestQueue, pipeline: Pipeline) -> dict[str, Any]:
-        return {
+    def snapshot(self, registry: Registry, queue: RequestQueue, pipeline: Pipeline,
+                 budget: Budget | None = None) -> dict[str, Any]:
+        view = {
             "uptime_seconds": int(time.time() - self.started),
             "requests": {
                 "total": sum(self.outcomes.values()),
@@ -78,3 +80,9 @@ class Stats:
                       "rejected_full": queue.rejected_full},
             "routing": {"stage_seconds": {k: round(v, 6) for k, v in pipeline.stage_seconds.items()}},
         }
+        if budget is not None:
+            view["spend"] = budget.spend_snapshot()
+            limited = budget.snapshot()
+            if limited is not None:
+                view["budget"] = limited
+        return view

@@ -52,7 +52,7 @@ def build_error(raw: dict[str, Any]) -> str:
 @pytest.mark.parametrize(
     ("text", "key", "allowed"),
     [
-        ("bogus = 1\n", "bogus", "server, discovery, health_check, routing, backends, logging, quality, queue, plugins"),
+        ("bogus = 1\n", "bogus", "server, discovery, health_check, routing, backends, logging, quality, queue, state, plugins"),
         ("[server]\nprot = 8000\n", "server.prot", "host, port, request_timeout_seconds"),
         (BACKEND + 'zonee = "open"\n', "backends[0].zonee", "name, url, type, priority, api_key_env, zone, tier"),
         ("[routing.weights]\npriority = 50\nload = 30\nlatency = 20\nlatncy = 1\n", "routing.weights.latncy",

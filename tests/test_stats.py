@@ -33,5 +33,5 @@ async def test_stats_count_what_happened(fake_backend: BackendFactory, nexus: Ne
     test_model = next(m for m in stats["models"] if m["model"] == "test-model")
     assert test_model["requests"] == 4 and test_model["prompt_tokens"] == 9  # 3 answers with usage, 1 stream
     assert stats["queue"]["depth"] == {"high": 0, "normal": 0}
-    assert set(stats["routing"]["stage_seconds"]) == {"request_analysis", "privacy", "tier", "quality",
+    assert set(stats["routing"]["stage_seconds"]) == {"request_analysis", "privacy", "budget", "tier", "quality",
                                                        "scheduling"}

@@ -105,6 +105,12 @@ class BackendAdapter:
         """Capabilities of a model the config names (``models``) or the backend lists bare."""
         return model_from_name(model_id, embedding=model_id in self.spec.embedding_models)
 
+    def count_tokens(self, model: str, text: str) -> int:
+        """Tokens of ``text`` for ``model``, for cost estimates (called on the event loop, so
+        it must be fast and do no I/O). The default is upstream's heuristic
+        ``floor(max(len/4, 1) * 1.15)``; the OpenAI adapter counts exactly with tiktoken."""
+        return heuristic_tokens(text)
+
     async def resource_usage(self) -> dict[str, object]:
         """What the backend uses now (loaded models, memory). Optional."""
         raise UnsupportedOperation(f"{self.type_name} backends do not report resource usage")
@@ -146,6 +152,11 @@ class BackendAdapter:
         ends without one comes without it). Identity unless ``translates``. Raising ends
         the stream with an error event."""
         return event
+
+
+def heuristic_tokens(text: str) -> int:
+    """Upstream's estimate for models without a known tokenizer (reference §5.8)."""
+    return int(max(len(text) / 4, 1) * 1.15) if text else 0
 
 
 def normalise_base_url(url: str) -> str:

@@ -35,12 +35,15 @@ class ChatPeek(msgspec.Struct):
     tools: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     functions: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     response_format: _ResponseFormat | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
 
 
 class CompletionPeek(msgspec.Struct):
     model: str
     prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     stream: bool | None = None
+    max_tokens: int | None = None
 
 
 class EmbeddingPeek(msgspec.Struct):
@@ -91,18 +94,19 @@ def analyse_chat(body: bytes) -> tuple[str, Requirements]:
         json_mode=fmt is not None and fmt.type == "json_object",
         estimated_tokens=chars // 4,
         stream=bool(peek.stream),
+        max_tokens=peek.max_completion_tokens if peek.max_completion_tokens is not None else peek.max_tokens,
     )
 
 
 def analyse_completion(body: bytes) -> tuple[str, Requirements]:
     peek: CompletionPeek = _decode(_completion, body)
     size = 0 if peek.prompt is msgspec.UNSET else len(peek.prompt)
-    return peek.model, Requirements(estimated_tokens=size // 4, stream=bool(peek.stream))
+    return peek.model, Requirements(estimated_tokens=size // 4, stream=bool(peek.stream), max_tokens=peek.max_tokens)
 
 
 def analyse_embedding(body: bytes) -> tuple[str, Requirements]:
     peek: EmbeddingPeek = _decode(_embedding, body)
-    return peek.model, Requirements(embeddings=True, estimated_tokens=len(peek.input) // 4)
+    return peek.model, Requirements(embeddings=True, estimated_tokens=len(peek.input) // 4, max_tokens=0)
 
 
 def missing_capabilities(req: Requirements, model: ModelInfo) -> list[str]:

@@ -11,6 +11,7 @@ import msgspec
 from nexus.registry import Backend, ModelInfo
 
 if TYPE_CHECKING:
+    from nexus.budget import Budget
     from nexus.config import Config
     from nexus.registry import Registry
 
@@ -26,6 +27,7 @@ class Requirements(msgspec.Struct, kw_only=True, frozen=True):
     embeddings: bool = False
     estimated_tokens: int = 0
     stream: bool = False
+    max_tokens: int | None = None  # what the client capped its output at (0: no output, embeddings)
 
 
 class Candidate:
@@ -167,6 +169,7 @@ class ReconcilerContext:
     config: Config
     registry: Registry
     settings: Mapping[str, Any] = field(default_factory=dict)
+    budget: Budget | None = None  # the gateway's budget, for the budget stage
 
 
 @runtime_checkable

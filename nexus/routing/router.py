@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -25,9 +25,16 @@ class Pipeline:
     def __init__(self, reconcilers: list[Reconciler]) -> None:
         self.reconcilers = sorted(reconcilers, key=lambda r: (r.order, r.name))
         self.stage_seconds: dict[str, float] = {r.name: 0.0 for r in self.reconcilers}
+        # Optional observer (metrics), called once after each run with the intent (its
+        # exclusions name their stage), the seconds of each stage that ran, in order, and
+        # the whole run's seconds. One call per run, not per stage: routing is the hot path.
+        self.observe_run: Callable[[RoutingIntent, list[float], float], None] | None = None
 
     def run(self, intent: RoutingIntent) -> None:
         clock = time.perf_counter
+        observe = self.observe_run
+        timings: list[float] | None = [] if observe is not None else None
+        began = clock()
         for reconciler in self.reconcilers:
             intent._stage = reconciler.name
             started = clock()
@@ -37,10 +44,15 @@ class Pipeline:
                 # Fail closed: skipping a broken stage could route around a privacy or budget rule.
                 log.exception("Routing stage %s failed", reconciler.name)
                 raise NexusError(f"Routing stage '{reconciler.name}' failed; see the server log.") from None
-            self.stage_seconds[reconciler.name] += clock() - started
+            elapsed = clock() - started
+            self.stage_seconds[reconciler.name] += elapsed
+            if timings is not None:
+                timings.append(elapsed)
             if not intent.candidates:
                 break
         intent._stage = ""
+        if observe is not None and timings is not None:
+            observe(intent, timings, clock() - began)
 
 
 @dataclass(slots=True)
@@ -161,7 +173,7 @@ class Router:
         context: dict[str, object] = {
             "available_backends": sorted(b.id for b in self.registry.all() if b.healthy),
         }
-        for key in ("required_tier", "privacy_zone_required"):
+        for key in ("required_tier", "privacy_zone_required", "budget_status"):
             value = next((i.annotations[key] for i in tried if key in i.annotations), None)
             if value is not None:
                 context[key] = value
@@ -173,6 +185,9 @@ class Router:
             message = f"No backend could serve '{requested}' or any of its fallbacks: {context['models_tried']}"
         else:
             message = f"No backend can serve model '{requested}' now"
+        final = [e for e in exclusions if e.kind != "unavailable"]
+        if final and len(final) == len(exclusions):  # policy alone refused: say which rule, once
+            message += ": " + "; ".join(dict.fromkeys(e.reason for e in final[:3]))
         details = [
             {"backend": e.backend, "reconciler": e.reconciler, "reason": e.reason, "suggested_action": e.suggested_action}
             for e in exclusions
@@ -186,6 +201,8 @@ class Router:
             }
         log.warning("Routing failure for %s: %s", requested, message)
         error = ServiceUnavailable(message, context=context, headers=headers)
+        if final and all(e.reconciler == "budget" for e in exclusions):
+            error.code = "budget_exceeded"
         if any(e.kind == "unavailable" for e in exclusions):
             # Some backend that policy allows is held back only for a transient reason
             # (unhealthy, loading, at capacity, asked to wait): the request may wait in the

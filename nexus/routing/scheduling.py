@@ -97,14 +97,20 @@ class Scheduling:
             intent.ranked = list(survivors)
             intent.route_reason = "only_healthy_backend"
             return
-        ranked, intent.route_reason = self._rank(survivors)
+        factor = intent.annotations.get("cloud_score_factor")  # set by the budget stage at its soft limit
+        if factor is not None and self._rank == self._smart:
+            ranked, intent.route_reason = self._smart(survivors, factor)
+        else:
+            ranked, intent.route_reason = self._rank(survivors)
         if not all([c.model.loaded for c in ranked]):  # models in memory first (stable within each group)
             ranked = [c for c in ranked if c.model.loaded] + [c for c in ranked if not c.model.loaded]
         intent.ranked = ranked
 
-    def _smart(self, candidates: list[Candidate]) -> tuple[list[Candidate], str]:
+    def _smart(self, candidates: list[Candidate], cloud_factor: float = 1.0) -> tuple[list[Candidate], str]:
         w = self.weights
         scores = smart_scores(candidates, w.priority, w.load, w.latency, self.ttft_threshold)
+        if cloud_factor != 1.0:
+            scores = [int(s * cloud_factor) if c.backend.cloud else s for s, c in zip(scores, candidates)]
         order = sorted(range(len(candidates)), key=scores.__getitem__, reverse=True)  # stable: ties keep name order
         ranked = [candidates[i] for i in order]
         return ranked, f"highest_score:{ranked[0].name}:{scores[order[0]]}"

@@ -162,9 +162,11 @@ class FakeBackend:
             if self.mode == "close-after-stream":
                 response.force_close()
             return response
-        return await self._stream(request, model)
+        return await self._stream(request, model, bool((payload.get("stream_options") or {}).get("include_usage")))
 
-    async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, model: str, include_usage: bool = False) -> web.StreamResponse:
+        """Chunks of ``stream_chunks``; with ``stream_options.include_usage``, a last chunk with
+        empty ``choices`` and the usage, as OpenAI sends it (API reference, chat streaming)."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Connection": "keep-alive"})
         await response.prepare(request)
         try:
@@ -177,6 +179,11 @@ class FakeBackend:
                 if self.mode == "slow" and i == 0:
                     await self.release.wait()
             await response.write(chunk("", model, finish="stop"))
+            if include_usage:
+                usage = {"prompt_tokens": 3, "completion_tokens": len(self.stream_chunks), "total_tokens": 3 + len(self.stream_chunks)}
+                await response.write(b"data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                                             "model": model, "choices": [], "usage": usage}).encode()
+                                     + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,3 +123,21 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 CHAT = {"model": "test-model", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a throw-away ``redis-server`` (one per session: give each test its own key prefix).
+    Skipped when redis-server is not installed, except under CI, where that is a failure."""
+    from nexus.testing.redis import RedisUnavailable, start_redis_server
+
+    try:
+        server = start_redis_server()
+    except RedisUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc}; CI must install it (see the README's test command)", pytrace=False)
+        pytest.skip(str(exc))
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -1,0 +1,107 @@
+"""/v1/history: every request (routed, refused, streamed) as one entry, oldest first, the
+last 100 kept, and written to the state store so it survives a restart."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+
+from nexus.history import CAPACITY, MAX_ERROR_CHARS, MAX_MODEL_CHARS, History, entry_of
+from nexus.record import RequestRecord
+from nexus.state.base import MemoryStore
+from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
+
+
+def finished(request_id: str, **fields: object) -> RequestRecord:
+    record = RequestRecord("/v1/chat/completions", "test-model", False, request_id=request_id)
+    for name, value in fields.items():
+        setattr(record, name, value)
+    record.end()
+    return record
+
+
+async def test_history_lists_routed_refused_and_streamed_requests_oldest_first(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
+    backend = await fake_backend(name="gpu-1")
+    gw = await nexus({"backends": [backend_entry(backend)]})
+    async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "first"}) as resp:
+        assert resp.status == 200
+    async with http.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": "nope"},
+                         headers={"X-Request-Id": "refused"}) as resp:
+        assert resp.status == 404
+    async with http.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "stream": True},
+                         headers={"X-Request-Id": "streamed"}) as resp:
+        assert resp.status == 200
+        await resp.read()
+    async with http.get(f"{gw.url}/v1/history") as resp:
+        assert resp.status == 200
+        history = await resp.json()
+
+    assert [e["request_id"] for e in history] == ["first", "refused", "streamed"]
+    first, refused, streamed = history
+    assert first["status"] == "Success" and first["status_code"] == 200
+    assert first["backend_id"] == "gpu-1" and first["backend_type"] == "local"
+    assert first["prompt_tokens"] == 3 and first["completion_tokens"] == 2 and not first["stream"]
+    assert refused["backend_id"] == "none" and refused["status"] == "Error" and refused["status_code"] == 404
+    assert "nope" in refused["error_message"] and refused["resolved_model"] is None
+    assert streamed["stream"] and streamed["status"] == "Success" and streamed["ttft_ms"] is not None
+    assert all(abs(e["timestamp"] - time.time()) < 60 for e in history)
+
+
+def test_history_keeps_the_newest_hundred() -> None:
+    history = History()
+    for i in range(CAPACITY + 5):
+        history.record(finished(f"r{i}", outcome="success", status=200, backend="b"))
+    ids = [e.request_id for e in history.entries()]
+    assert len(ids) == CAPACITY
+    assert ids[0] == "r5" and ids[-1] == f"r{CAPACITY + 4}"
+
+
+def test_entry_truncates_clamps_and_names_the_outcome() -> None:
+    now = time.time()
+    record = finished("x", outcome="interrupted", status=200, error="e" * 5000)
+    record.model = "m" * 1000
+    record.timestamp = now + 3600  # a clock jump must not put a request in the future
+    entry = entry_of(record, now=now)
+    assert len(entry.model) == MAX_MODEL_CHARS and len(entry.error_message or "") == MAX_ERROR_CHARS
+    assert entry.timestamp == round(now, 3)
+    assert entry.status == "Interrupted" and entry.backend_id == "none"
+    assert entry_of(finished("c", outcome="cancelled")).status == "Cancelled"
+
+
+async def test_history_survives_a_restart_through_the_store() -> None:
+    store = MemoryStore()
+    before = History()
+    await before.load(store)
+    for i in range(3):
+        before.record(finished(f"r{i}", outcome="success", status=200, backend="b"))
+    after = History()  # a new process, same store
+    after.record(finished("early", outcome="error", status=503))  # recorded before the store was open
+    await after.load(store)
+    assert [e.request_id for e in after.entries()] == ["r0", "r1", "r2", "early"]
+    assert after.entries()[0] == before.entries()[0]
+
+
+async def test_gateway_writes_history_to_its_store(fake_backend: BackendFactory, nexus: NexusFactory,
+                                                   http: aiohttp.ClientSession) -> None:
+    backend = await fake_backend()
+    gw = await nexus({"backends": [backend_entry(backend)]})
+    store = getattr(gw.gateway, "store", None) or MemoryStore()
+    await gw.gateway.history.load(store)
+    async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "kept"}) as resp:
+        assert resp.status == 200
+    stored = await store.recent_history(10)
+    assert stored[-1].request_id == "kept" and stored[-1].status == "Success"
+
+
+async def test_a_failing_listener_does_not_lose_the_entry() -> None:
+    history = History()
+    seen: list[str] = []
+
+    def broken(_: object) -> None:
+        raise RuntimeError("boom")
+
+    history.listeners += [broken, lambda e: seen.append(e.request_id)]
+    history.record(finished("r", outcome="success", status=200))
+    assert seen == ["r"] and len(history) == 1
