@@ -194,7 +194,16 @@ class Budget:
         self._roll_month()
         reservation = Reservation(f"{_ID_PREFIX}-{next(_ids)}", self.month, amount, tokens)
         enforce = self.limit if self.config.hard_limit_action != "warn" else None
-        if not await self.store.reserve(reservation.month, reservation.id, amount, enforce):
+        try:
+            held = await self.store.reserve(reservation.month, reservation.id, amount, enforce)
+        except Exception as exc:  # the store is down: enforce by refusing, or (warn) serve unrecorded
+            log.error("Budget state store unavailable (%s): %r", self.store.kind, exc)
+            if enforce is None:
+                return True
+            raise ServiceUnavailable(
+                f"The budget cannot be checked: its {self.store.kind} state store is unavailable",
+                code="budget_store_unavailable", headers={"Retry-After": "5"}) from None
+        if not held:
             await self.refresh()
             return False
         self.reserved += amount

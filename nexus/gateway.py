@@ -88,6 +88,7 @@ class Gateway:
     async def start(self, *, health_check: bool, discovery: bool) -> None:
         await self.store.open()  # first: an unusable state store stops start-up before anything runs
         await self.budget.refresh()
+        await self.history.load(self.store)  # the newest 100 entries: history survives a restart
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None),
@@ -98,6 +99,8 @@ class Gateway:
         self.health_checking = health_check
         for spec in self.config.backends:
             self._settle(self.build_backend(spec, spec.name, "static"))
+        for backend in self.registry.all():
+            await self._restore_quality(backend)
         if health_check:
             self._spawn(self.health.run(), "health checker")
         self._spawn(self._recompute_quality(), "quality tracker")
@@ -109,9 +112,6 @@ class Gateway:
                 self._start_source(plugin_name, source_cls)
             if self.config.discovery.announce:
                 self._spawn(announce_gateway(self.config), "mDNS announcement")
-        store = getattr(self, "store", None)  # the state store, once start() has opened it
-        if store is not None:
-            await self.history.load(store)
 
     def finish(self, record: RequestRecord) -> None:
         """A request ended: log it once and hand it to every observer (one failing observer
@@ -141,6 +141,7 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
         await self.budget.drain()
+        self._save_quality()
         await self.store.close()
 
     async def _recompute_quality(self) -> None:
@@ -150,6 +151,17 @@ class Gateway:
             await asyncio.sleep(quality.metrics_interval_seconds)
             for backend in self.registry.all():
                 backend.quality.recompute(quality.error_rate_threshold)
+            self._save_quality()
+
+    def _save_quality(self) -> None:
+        for backend in self.registry.all():
+            if backend.quality.has_history:
+                self.store.save_quality(backend.id, backend.quality.export())
+
+    async def _restore_quality(self, backend: Backend) -> None:
+        """A backend known before (same id) gets its last 24 h of outcomes back."""
+        backend.quality.restore(await self.store.load_quality(backend.id))
+        backend.quality.recompute(self.config.quality.error_rate_threshold)
 
     def _spawn(self, coro: object, what: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -172,6 +184,7 @@ class Gateway:
         self._spawn(source.run(self.sink), f"discovery source {name}")
 
     def _on_discovered(self, backend: Backend) -> None:
+        self._spawn(self._restore_quality(backend), f"quality history of {backend.id}")
         if self.health_checking:
             self._spawn(self.health.check(backend), f"first check of {backend.id}")
         else:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from nexus.state.base import QualityBucket
+
 _HOUR, _DAY = 60, 1440  # in one-minute buckets
 
 
@@ -62,6 +64,20 @@ class BackendQuality:
         if ttft_ms is not None:
             bucket.ttft_sum += ttft_ms
             bucket.ttft_count += 1
+
+    def export(self) -> list[QualityBucket]:
+        """The minute buckets, for the state store (quality history survives a restart)."""
+        return [QualityBucket(b.minute, b.ok, b.failed, b.ttft_sum, b.ttft_count) for b in self._buckets]
+
+    def restore(self, buckets: list[QualityBucket], *, now: float | None = None) -> None:
+        """Put back stored buckets of the last 24 h (before any new outcome is recorded)."""
+        oldest = int((now if now is not None else time.time()) // 60) - _DAY
+        for stored in buckets:
+            if stored.minute > oldest and (not self._buckets or stored.minute > self._buckets[-1].minute):
+                bucket = _Bucket(stored.minute)
+                bucket.ok, bucket.failed = stored.ok, stored.failed
+                bucket.ttft_sum, bucket.ttft_count = stored.ttft_sum, stored.ttft_count
+                self._buckets.append(bucket)
 
     def start_trial(self) -> None:
         """An excluded backend is being tried: no other request may try it until the

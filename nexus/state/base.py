@@ -112,6 +112,8 @@ class MemoryStore(StateStore):
         self._quality: dict[str, list[QualityBucket]] = {}
 
     async def reserve(self, month: str, reservation_id: str, amount: float, limit: float | None) -> bool:
+        if reservation_id in self._held:  # as the durable stores: a repeated hold is not counted twice
+            return True
         spent, reserved = self._totals(month)
         if limit is not None and spent + reserved + amount > limit:
             return False
