@@ -261,6 +261,8 @@ class Budget:
         reservation = record.reservation
         served = record.outcome in ("success", "interrupted") or record.completion_tokens
         actual = (record.cost_usd or 0.0) if served and record.cost_source != "unpriced" else 0.0
+        if not served and record.cost_source == "estimate":
+            record.cost_usd, record.cost_source = 0.0, None  # failed: nothing to pay, nothing to show
         if isinstance(reservation, Reservation):
             self.reserved = max(self.reserved - reservation.amount, 0.0)
             month, rid = reservation.month, reservation.id
