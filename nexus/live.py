@@ -165,7 +165,7 @@ class _Client:
                     async with asyncio.timeout(SEND_TIMEOUT):
                         await self.ws.send_frame(message, WSMsgType.TEXT)
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
-            log.info("Dashboard client %s disconnected: %s", self.request.remote, exc or type(exc).__name__)
+            log.info("Dashboard client %s disconnected: %s", self.request.remote, str(exc) or type(exc).__name__)
             transport = self.request.transport
             if transport is not None:
                 transport.abort()  # ends the reader loop in LiveHub.handle
@@ -228,7 +228,8 @@ class LiveHub:
         if registry.version != self._registry_version:
             self._registry_version = registry.version
             self._model_changes(registry)
-        self.broadcast("BackendStatus", backend_views(registry))
+        if self.clients:  # views are built only when someone will see them
+            self.broadcast("BackendStatus", backend_views(registry))
 
     def _model_changes(self, registry: Registry) -> None:
         current = {b.id: b.models for b in registry.all()}
@@ -239,8 +240,9 @@ class LiveHub:
         for backend_id, models in current.items():
             if models != self._models_seen.get(backend_id, {}):
                 self._models_seen[backend_id] = models
-                self.broadcast("ModelChange", {"backend_id": backend_id,
-                                               "models": [model_view(m) for _, m in sorted(models.items())]})
+                if self.clients:
+                    self.broadcast("ModelChange", {"backend_id": backend_id,
+                                                   "models": [model_view(m) for _, m in sorted(models.items())]})
 
     async def _tick(self) -> None:
         while self.clients:

@@ -229,7 +229,7 @@ class Metrics:
             self.tokens.observe((model, backend, "prompt"), r.prompt_tokens)
         if r.completion_tokens is not None:
             self.tokens.observe((model, backend, "completion"), r.completion_tokens)
-        if r.cost_usd is not None:
+        if r.cost_usd is not None and outcome in ("success", "interrupted"):  # served; else only an estimate
             self.cost.observe((model,), r.cost_usd)
 
     def routed(self, intent: RoutingIntent, timings: list[float], total: float) -> None:

@@ -204,6 +204,10 @@ def _paths() -> dict[str, Schema]:
             "responses": {"200": _json(_ref("Removed"), "Removed."), "403": _error("Not a loopback client."),
                           "404": _error("No such backend.")}}},
         "/": _get("The dashboard", {"description": "HTML page.", "content": {"text/html": {"schema": text}}}),
+        "/dashboard/static/{filename}": {"get": {
+            "summary": "The dashboard's static files (script, style sheet)",
+            "parameters": [{"name": "filename", "in": "path", "required": True, "schema": text}],
+            "responses": {"200": {"description": "The file."}, "404": {"description": "No such file."}}}},
         "/ws": {"get": {"summary": "WebSocket push channel of the dashboard",
                         "responses": {"101": {"description": "Switching protocols to WebSocket."}}}},
         "/openapi.json": _get("This document", {"description": "OpenAPI 3.1.", "content": {

@@ -4,6 +4,7 @@ last 100 kept, and written to the state store so it survives a restart."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import aiohttp
 
@@ -87,8 +88,7 @@ async def test_gateway_writes_history_to_its_store(fake_backend: BackendFactory,
                                                    http: aiohttp.ClientSession) -> None:
     backend = await fake_backend()
     gw = await nexus({"backends": [backend_entry(backend)]})
-    store = getattr(gw.gateway, "store", None) or MemoryStore()
-    await gw.gateway.history.load(store)
+    store = gw.gateway.store  # opened by Gateway.start, which handed it to the history
     async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "kept"}) as resp:
         assert resp.status == 200
     stored = await store.recent_history(10)
@@ -105,3 +105,22 @@ async def test_a_failing_listener_does_not_lose_the_entry() -> None:
     history.listeners += [broken, lambda e: seen.append(e.request_id)]
     history.record(finished("r", outcome="success", status=200))
     assert seen == ["r"] and len(history) == 1
+
+
+async def test_history_survives_a_gateway_restart_with_sqlite(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession,
+        tmp_path: Path) -> None:
+    backend = await fake_backend()
+    raw = {"backends": [backend_entry(backend)], "state": {"backend": "sqlite", "path": str(tmp_path / "state.db")}}
+    first = await nexus(raw)
+    for request_id in ("before-1", "before-2"):
+        async with http.post(f"{first.url}/v1/chat/completions", json=CHAT,
+                             headers={"X-Request-Id": request_id}) as resp:
+            assert resp.status == 200
+    await first.runner.cleanup()  # stops the gateway: the store writes out what is queued
+
+    second = await nexus(raw)
+    async with http.get(f"{second.url}/v1/history") as resp:
+        history = await resp.json()
+    assert [e["request_id"] for e in history] == ["before-1", "before-2"]
+    assert history[0]["status"] == "Success" and history[0]["backend_id"] == "fake"

@@ -207,3 +207,16 @@ async def test_history_route_and_dashboard_need_no_backends(nexus: NexusFactory,
         page = await resp.text()
     assert "No backends configured." in page and "No models available." in page and "No requests yet." in page
     assert '<noscript><meta http-equiv="refresh" content="5"></noscript>' in page
+    async with http.get(f"{gw.url}/ws") as resp:  # not a WebSocket upgrade
+        assert resp.status == 400 and "error" in await resp.json()
+
+
+async def test_connections_beyond_the_limit_get_503(nexus: NexusFactory, http: aiohttp.ClientSession,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(live, "MAX_CLIENTS", 1)
+    gw = await nexus()
+    async with http.ws_connect(f"{gw.url}/ws") as ws:
+        await next_update(ws, "StatsUpdate")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{gw.url}/ws")
+        assert refused.value.status == 503

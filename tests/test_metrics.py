@@ -173,7 +173,7 @@ def test_label_sanitising() -> None:
 class _FakeGateway:
     """What :class:`Metrics` reads of a gateway, for tests without a server."""
 
-    def __init__(self, models: list[str]) -> None:
+    def __init__(self) -> None:
         from nexus import config as config_mod
         from nexus.queue import RequestQueue
         from nexus.registry import Registry
@@ -183,11 +183,10 @@ class _FakeGateway:
         self.registry = Registry()
         self.pipeline = Pipeline([])
         self.queue = RequestQueue(self.config.queue)
-        self._models = models
 
 
 def _metrics() -> Metrics:
-    return Metrics(_FakeGateway([]))  # type: ignore[arg-type]
+    return Metrics(_FakeGateway())  # type: ignore[arg-type]
 
 
 def test_backend_labels_are_capped() -> None:
