@@ -74,21 +74,27 @@ def prompt_preview(body: bytes, limit: int = 100) -> str:
 def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]:
     async def handler(request: web.Request) -> web.StreamResponse:
         gateway = request.app[GATEWAY]
-        body = await read_body(request, gateway.config.server.max_body_bytes)
-        model, requirements = analyse(body)
-        if gateway.config.logging.enable_content_logging:
-            log.info("Prompt preview: %s", prompt_preview(body))
         request_id = request_id_var.get() or ""
-
-        def route() -> RoutePlan:
-            return gateway.router.plan(model, requirements, request_id=request_id, headers=request.headers)
-
-        priority = priority_of(request.headers.get("X-Nexus-Priority"))
-        record = RequestRecord(endpoint, model, requirements.stream, request_id=request_id)
+        # Made first, so requests refused for their body (bad JSON, too large) are counted too.
+        record = RequestRecord(endpoint, "", False, request_id=request_id)
         try:
+            body = await read_body(request, gateway.config.server.max_body_bytes)
+            record.model, requirements = analyse(body)
+            record.stream = requirements.stream
+            if gateway.config.logging.enable_content_logging:
+                log.info("Prompt preview: %s", prompt_preview(body))
+            model = record.model
+
+            def route() -> RoutePlan:
+                return gateway.router.plan(model, requirements, request_id=request_id, headers=request.headers)
+
+            priority = priority_of(request.headers.get("X-Nexus-Priority"))
             return await _serve(gateway, request, endpoint, body, requirements, route, priority, record)
         except NexusError as exc:
             record.outcome, record.status, record.error = "error", exc.status, exc.message
+            raise
+        except web.HTTPException as exc:  # aiohttp's own refusals (body over client_max_size)
+            record.outcome, record.status, record.error = "error", exc.status, exc.reason
             raise
         except asyncio.CancelledError:
             record.outcome = "cancelled"

@@ -35,3 +35,21 @@ async def test_stats_count_what_happened(fake_backend: BackendFactory, nexus: Ne
     assert stats["queue"]["depth"] == {"high": 0, "normal": 0}
     assert set(stats["routing"]["stage_seconds"]) == {"request_analysis", "privacy", "budget", "tier", "quality",
                                                        "scheduling"}
+
+
+async def test_requests_refused_for_their_body_are_counted_and_in_history(
+        nexus: NexusFactory, http: aiohttp.ClientSession) -> None:
+    gw = await nexus({"server": {"max_body_bytes": 1000}})
+    async with http.post(f"{gw.url}/v1/chat/completions", data=b"{not json",
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+    async with http.post(f"{gw.url}/v1/chat/completions", data=b"x" * 5000,
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+    async with http.get(f"{gw.url}/v1/stats") as resp:
+        stats = await resp.json()
+    assert stats["requests"]["errors"] == 2
+    assert stats["requests"]["errors_by_status"] == {"400": 1, "413": 1}
+    async with http.get(f"{gw.url}/v1/history") as resp:
+        history = await resp.json()
+    assert [(h["status_code"], h["backend_id"]) for h in history] == [(400, "none"), (413, "none")]
