@@ -116,6 +116,11 @@ async def test_advertised_ollama_is_discovered_kept_current_and_withdrawn(
 
             assert model not in await models(http, gateway.url)  # unknown at once: not served
             await poll(gone, "removal after the grace period")
+
+            async def removal_logged() -> bool:  # the log line travels through a pipe: it may trail the API
+                return any("Removed" in line and backend_id in line for line in gateway.stderr)
+
+            await poll(removal_logged, "the removal's log line")
             logged = [line.split() for line in gateway.stderr if " nexus.discovery " in line and backend_id in line]
             assert [(words[1], words[3]) for words in logged] == [  # one line each: found, gone, removed
                 ("INFO", "Discovered"), ("WARNING", "Backend"), ("INFO", "Removed")], gateway.stderr
