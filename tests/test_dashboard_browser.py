@@ -46,7 +46,8 @@ async def test_dashboard_shows_backends_and_a_new_request_without_reload(
     async_playwright = _async_playwright()
     gpu = await fake_backend(name="gpu-box", models=["llama3.1:8b", "llava:13b"])
     laptop = await fake_backend(name="laptop", models=["llama3.1:8b", "nomic-embed-text"])
-    gw = await nexus({"backends": [backend_entry(gpu, tier=3), backend_entry(laptop, zone="open")]})
+    gw = await nexus({"backends": [backend_entry(gpu, tier=3), backend_entry(laptop, zone="open")],
+                      "routing": {"budget": {"monthly_limit_usd": 50.0, "local_usd_per_gpu_second": 0.5}}})
     async with http.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": "llava:13b"}) as resp:
         assert resp.status == 200  # one request already in the server-rendered history
 
@@ -75,6 +76,8 @@ async def test_dashboard_shows_backends_and_a_new_request_without_reload(
             assert await page.locator("#history-body tr").count() == 2
 
             assert await page.locator("#sum-requests").inner_text() == "2"
+            assert (await page.locator("#budget").inner_text()).count("$50.00") == 1
+            assert "$" in await row.inner_text()  # the local energy cost of the request
 
             SCREENSHOT.parent.mkdir(exist_ok=True)
             await page.screenshot(path=str(SCREENSHOT), full_page=True)
