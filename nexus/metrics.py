@@ -313,6 +313,13 @@ class Metrics:
                 families.append(family)
             families.append(GaugeMetricFamily("nexus_budget_limit_usd", "Monthly budget limit in USD.",
                                               value=float(snap["monthly_limit_usd"])))
+            reserved = GaugeMetricFamily("nexus_budget_reserved_usd", "USD held by requests in flight.",
+                                         labels=["billing_month"])
+            reserved.add_metric(month, float(snap["reserved_usd"]))
+            events = CounterMetricFamily("nexus_budget_events", "Budget events since start.", labels=["event_type"])
+            events.add_metric(["month_rollover"], float(budget.rollovers))
+            events.add_metric(["request_refused"], float(budget.refused))
+            families += [reserved, events]
         except Exception:  # a broken budget must not take the other metrics down with it
             log.exception("Budget snapshot failed; budget metrics left out of this scrape")
             return

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import nexus_plugin_openai
 from nexus.budget import Budget, month_of, next_month, prompt_text
@@ -217,6 +218,12 @@ async def test_block_cloud_keeps_local_serving_and_refuses_cloud_with_context(
         assert resp.headers["X-Nexus-Budget-Utilization"] == "100.0"
         assert resp.headers["X-Nexus-Budget-Remaining"] == "0.0000"
     assert (await stats(http, gw))["budget"]["status"] == "HardLimit"
+    async with http.get(f"{gw.url}/metrics") as resp:
+        families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+    month = gw.gateway.budget.month
+    assert [(s.labels, s.value) for s in families["nexus_budget_status"].samples] == [({"billing_month": month}, 2.0)]
+    assert families["nexus_budget_limit_usd"].samples[0].value == 1.0
+    assert families["nexus_budget_spending_usd"].samples[0].value == 1.0
 
 
 async def test_block_all_refuses_local_too_and_warn_refuses_nothing(
