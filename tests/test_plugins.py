@@ -169,7 +169,7 @@ def test_raising_hook_implementations_are_reported_and_skipped() -> None:
     config = config_mod.build({})
     assert sorted(host.backend_types()) == ["echo-test", "generic"]
     context = ReconcilerContext(config=config, registry=Registry())
-    assert [r.name for r in host.reconcilers(context)] == ["request_analysis", "privacy", "avoid_backends", "tier", "quality", "scheduling"]
+    assert [r.name for r in host.reconcilers(context)] == ["request_analysis", "privacy", "budget", "avoid_backends", "tier", "quality", "scheduling"]
     assert [route.path for route in host.routes()] == ["/good/hello"]
     group = click.Group()
     host.add_commands(group)
@@ -190,7 +190,7 @@ def test_wrong_return_values_are_reported_and_skipped() -> None:
     types = host.backend_types()
     assert types["generic"].__module__ == "nexus.adapters.generic"  # not replaced
     reconcilers = host.reconcilers(ReconcilerContext(config=config, registry=Registry()))
-    assert [r.name for r in reconcilers] == ["request_analysis", "privacy", "tier", "quality", "scheduling"]
+    assert [r.name for r in reconcilers] == ["request_analysis", "privacy", "budget", "tier", "quality", "scheduling"]
     errors = host.plugins["misbehaving"].errors
     assert errors[0] == "register_backend_types returned <class 'dict'>, not a BackendAdapter subclass"
     assert errors[1] == "backend type 'generic' is already registered; skipped"
@@ -245,13 +245,13 @@ def test_third_party_reconciler_slots_between_the_builtins() -> None:
     config = config_mod.build({})
     gateway = Gateway(config, host_with(("good", good)))
     assert [(r.name, r.order) for r in gateway.pipeline.reconcilers] == [
-        ("request_analysis", 100), ("privacy", 300), ("avoid_backends", 450), ("tier", 500), ("quality", 600),
+        ("request_analysis", 100), ("privacy", 300), ("budget", 400), ("avoid_backends", 450), ("tier", 500), ("quality", 600),
         ("scheduling", 900)]
 
 
 async def test_create_app_pipeline_includes_the_plugin_reconciler() -> None:
     app = create_app(config_mod.build({}), host_with(("good", good)), health_check=False, discovery=False)
-    assert [r.name for r in app[GATEWAY].pipeline.reconcilers] == ["request_analysis", "privacy", "avoid_backends", "tier", "quality", "scheduling"]
+    assert [r.name for r in app[GATEWAY].pipeline.reconcilers] == ["request_analysis", "privacy", "budget", "avoid_backends", "tier", "quality", "scheduling"]
 
 
 def test_reconciler_class_gets_its_own_plugin_settings() -> None:

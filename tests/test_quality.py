@@ -427,7 +427,7 @@ class LateFirstByte(FakeBackend):
         super().__post_init__()
         self.first_byte = asyncio.Event()
 
-    async def _stream(self, request: web.Request, model: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, model: str, include_usage: bool = False) -> web.StreamResponse:
         await self.first_byte.wait()
         return await super()._stream(request, model)
 
