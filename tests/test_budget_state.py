@@ -64,7 +64,7 @@ async def stats(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         return await resp.json()
 
 
-async def test_spend_and_quality_survive_a_restart_of_nexus_serve(tmp_path: Path, openai_api: FakeOpenAI) -> None:
+async def test_spend_history_and_quality_survive_a_restart_of_nexus_serve(tmp_path: Path, openai_api: FakeOpenAI) -> None:
     state = tmp_path / "data" / "state.db"
     path = config(tmp_path, openai_api.url, f'path = "{state}"', monthly_limit_usd=10.0)
     env = nexus_env(**{KEY_ENV: KEY})
@@ -77,6 +77,10 @@ async def test_spend_and_quality_survive_a_restart_of_nexus_serve(tmp_path: Path
         assert state.exists()
         async with serve_nexus("--config", str(path), cwd=tmp_path, env=env) as second:
             after = await stats(http, second.url)
+            async with http.get(f"{second.url}/v1/history") as resp:
+                history = await resp.json()
+    assert [(h["model"], h["status"], h["backend_id"]) for h in history] == [("gpt-4o-mini", "Success", "cloud")] * 3
+    assert history[0]["cost_usd"] == pytest.approx(0.007)
     assert after["budget"]["current_spending_usd"] == pytest.approx(3 * 0.007)
     assert after["budget"]["reserved_usd"] == 0
     cloud = next(b for b in after["backends"] if b["id"] == "cloud")
