@@ -124,20 +124,6 @@ class RecentRate:
         }
 
 
-def budget_snapshot(gateway: Gateway) -> dict[str, Any] | None:
-    """The budget's state, or ``None`` when no monthly limit is configured (or no budget
-    exists in this build); a failing snapshot never breaks the dashboard."""
-    budget = getattr(gateway, "budget", None)
-    if budget is None:
-        return None
-    try:
-        snapshot = budget.snapshot()
-    except Exception:
-        log.exception("Budget snapshot failed")
-        return None
-    return snapshot if isinstance(snapshot, dict) else None
-
-
 class _Client:
     """One connected dashboard: a bounded queue of encoded messages and the task writing them."""
 
@@ -209,9 +195,9 @@ class LiveHub:
         """The ``/v1/stats`` body with ``budget`` and ``recent``: what the page's summary,
         queue, budget and quality figures are drawn from."""
         gateway = self.gateway
-        payload: dict[str, Any] = gateway.stats.snapshot(gateway.registry, gateway.queue, gateway.pipeline)
-        if payload.get("budget") is None:
-            payload["budget"] = budget_snapshot(gateway)
+        payload: dict[str, Any] = gateway.stats.snapshot(gateway.registry, gateway.queue, gateway.pipeline,
+                                                         gateway.budget)
+        payload.setdefault("budget", None)  # null: no monthly limit configured
         payload["recent"] = self.rate.snapshot()
         return payload
 

@@ -291,9 +291,7 @@ class Metrics:
 
     def _budget(self) -> Iterator[Metric]:
         """Budget gauges, only while a monthly limit is set (``gateway.budget.snapshot()``)."""
-        budget = getattr(self.gateway, "budget", None)
-        if budget is None:
-            return
+        budget = self.gateway.budget
         try:
             snap = budget.snapshot()
             if not snap:

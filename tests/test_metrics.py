@@ -175,7 +175,10 @@ class _FakeGateway:
 
     def __init__(self) -> None:
         from nexus import config as config_mod
+        from nexus.budget import Budget
+        from nexus.pricing import PriceTable
         from nexus.queue import RequestQueue
+        from nexus.state.base import MemoryStore
         from nexus.registry import Registry
         from nexus.routing.router import Pipeline
 
@@ -183,6 +186,7 @@ class _FakeGateway:
         self.registry = Registry()
         self.pipeline = Pipeline([])
         self.queue = RequestQueue(self.config.queue)
+        self.budget = Budget(self.config.routing.budget, MemoryStore(), PriceTable(self.config.routing.budget))
 
 
 def _metrics() -> Metrics:
