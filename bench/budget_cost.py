@@ -10,9 +10,12 @@ budget's three request-path steps are wrapped with timers:
 * ``price_response``: the cost from ``usage`` or from counting the streamed text;
 * ``settle``: the observer that releases the hold (the store write itself is queued).
 
-Run: ``.venv/bin/python bench/budget_cost.py [--store memory|sqlite|redis URL] [-n 2000]``.
+Run: ``.venv/bin/python bench/budget_cost.py [--store memory|sqlite|redis --redis-url URL] [-n 2000]``.
 Wall-clock µs per request are printed for each step (mean and p50), and for the whole
 request as the client saw it.
+
+With ``--concurrent N`` it instead sends N requests at once against a limit that admits
+about half of them, and prints how far spend went past the limit (the target is 0).
 """
 
 from __future__ import annotations
@@ -62,7 +65,22 @@ def timed(samples: list[float], fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-async def main(store: str, redis_url: str | None, n: int) -> None:
+async def overrun(http: aiohttp.ClientSession, url: str, budget: Budget, concurrent: int) -> None:
+    async def one() -> int:
+        async with http.post(f"{url}/v1/chat/completions", json=CHAT) as resp:
+            await resp.read()
+            return resp.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(concurrent)))
+    await budget.drain()
+    await budget.refresh()
+    assert budget.limit is not None
+    print(f"{concurrent} concurrent: {statuses.count(200)} served, {statuses.count(503)} refused; "
+          f"spent ${budget.spent:.6f} of ${budget.limit:.6f}, held ${budget.reserved:.6f}; "
+          f"overrun ${max(budget.spent - budget.limit, 0.0):.6f}")
+
+
+async def main(store: str, redis_url: str | None, n: int, concurrent: int) -> None:
     os.environ["NEXUS_BENCH_KEY"] = KEY
     fake = FakeOpenAI(api_key=KEY, stream_chunks=["Hello", " there", ",", " benchmark", "!"] * 10)
     await fake.start()
@@ -75,7 +93,9 @@ async def main(store: str, redis_url: str | None, n: int) -> None:
         state["key_prefix"] = f"bench-{time.time_ns()}"
     config = config_mod.build({
         "backends": [{"name": "cloud", "url": fake.url, "type": "openai", "api_key_env": "NEXUS_BENCH_KEY"}],
-        "routing": {"budget": {"monthly_limit_usd": 1e9, "hard_limit_action": "block_cloud"}},
+        # With --concurrent: a limit of about half the worst cases (each holds 64 output tokens).
+        "routing": {"budget": {"monthly_limit_usd": concurrent * 0.00002 if concurrent else 1e9,
+                               "hard_limit_action": "block_cloud"}},
         "state": state, "discovery": {"enabled": False},
     })
     app = create_app(config, create_host(load_entry_points=False, extra=[("openai", nexus_plugin_openai)]),
@@ -90,6 +110,12 @@ async def main(store: str, redis_url: str | None, n: int) -> None:
     gateway.observers[gateway.observers.index(budget.settle)] = timed(samples["settle"], budget.settle)
     nexus_plugin_openai.count_tokens("gpt-4o-mini", "warm up")  # load the encoding before timing
     async with aiohttp.ClientSession() as http:
+        if concurrent:
+            await overrun(http, url, budget, concurrent)
+            await runner.cleanup()
+            await fake.stop()
+            tmp.cleanup()
+            return
         for label, body in (("non-stream", CHAT), ("stream", {**CHAT, "stream": True})):
             for key in samples:
                 samples[key].clear()
@@ -117,5 +143,6 @@ if __name__ == "__main__":
     parser.add_argument("--store", choices=["memory", "sqlite", "redis"], default="sqlite")
     parser.add_argument("--redis-url")
     parser.add_argument("-n", type=int, default=2000)
+    parser.add_argument("--concurrent", type=int, default=0)
     args = parser.parse_args()
-    asyncio.run(main(args.store, args.redis_url, args.n))
+    asyncio.run(main(args.store, args.redis_url, args.n, args.concurrent))

@@ -47,6 +47,14 @@ _ids = itertools.count(1)
 _ID_PREFIX = secrets.token_hex(6)
 
 
+def usd(amount: float) -> str:
+    """Dollars for messages: cents for large amounts, enough digits for small ones."""
+    if amount >= 1 or amount == 0:
+        return f"${amount:,.2f}"
+    whole, _, decimals = f"{amount:.6f}".partition(".")
+    return f"${whole}.{decimals.rstrip('0').ljust(2, '0')}"
+
+
 def month_of(timestamp: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(timestamp))
 
@@ -215,8 +223,8 @@ class Budget:
     def refuse(self, plan: RoutePlan) -> BudgetRefused:
         self.refused += 1
         return BudgetRefused(
-            f"Monthly budget of ${self.limit:.2f} would be exceeded by this request to '{plan.first.model}' "
-            f"(spent ${self.spent:.4f}, held ${self.reserved:.4f})",
+            f"Monthly budget of {usd(self.limit or 0.0)} would be exceeded by this request to "
+            f"'{plan.first.model}' (spent {usd(self.spent)}, held by requests in flight {usd(self.reserved)})",
             code="budget_exceeded",
             context={"available_backends": [], "budget_status": self.status(),
                      "budget_remaining_usd": round(max((self.limit or 0.0) - self.spent, 0.0), 4)},

@@ -11,7 +11,7 @@ request gets a 503 at once, it is never queued.
 
 from __future__ import annotations
 
-from nexus.budget import HARD, SOFT
+from nexus.budget import HARD, SOFT, usd
 from nexus.routing.intent import ReconcilerContext, RoutingIntent
 
 
@@ -36,15 +36,15 @@ class BudgetStage:
         req = intent.requirements
         for candidate in intent.candidates:
             if status == HARD and action == "block_all":
-                reason = f"Monthly budget exhausted ({budget.utilization():.0f}% of ${budget.limit:.2f}); all backends blocked"
+                reason = f"Monthly budget exhausted ({budget.utilization():.0f}% of {usd(budget.limit)}); all backends blocked"
             elif not candidate.backend.cloud:
                 continue
             elif status == HARD:
-                reason = f"Monthly budget exhausted ({budget.utilization():.0f}% of ${budget.limit:.2f}); cloud blocked"
+                reason = f"Monthly budget exhausted ({budget.utilization():.0f}% of {usd(budget.limit)}); cloud blocked"
             else:
                 estimate = budget.estimate(intent.model, int(req.estimated_tokens * 1.15) or 1, req.max_tokens)
                 if estimate is None or not budget.would_exceed(estimate):
                     continue
-                reason = f"This request (up to ${estimate:.4f}) would exceed the monthly budget of ${budget.limit:.2f}"
+                reason = f"This request (up to {usd(estimate)}) would exceed the monthly budget of {usd(budget.limit)}"
             intent.exclude(candidate.id, reason, "Raise routing.budget.monthly_limit_usd or wait for next month",
                            kind="policy")
