@@ -89,7 +89,7 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
                 return gateway.router.plan(model, requirements, request_id=request_id, headers=request.headers)
 
             priority = priority_of(request.headers.get("X-Nexus-Priority"))
-            return await _serve(gateway, request, endpoint, body, requirements, route, priority, record)
+            return await _serve(gateway, request, endpoint, body, route, priority, record)
         except NexusError as exc:
             record.outcome, record.status, record.error = "error", exc.status, exc.message
             raise
@@ -106,24 +106,20 @@ def _proxied(endpoint: str, analyse: Analyse) -> Callable[[web.Request], object]
     return handler
 
 
-async def _serve(gateway: Gateway, request: web.Request, endpoint: str, body: bytes, requirements: Requirements,
+async def _serve(gateway: Gateway, request: web.Request, endpoint: str, body: bytes,
                  route: Callable[[], RoutePlan], priority: str, record: RequestRecord) -> web.StreamResponse:
-    """Route (waiting in the queue while every candidate is busy), hold the budget, forward."""
+    """Route (waiting in the queue while every candidate is busy), then forward."""
     assert gateway.proxy is not None
-    budget = gateway.budget
     for _ in range(_MAX_REQUEUES):
         try:
             plan = route()
         except Unavailable as unavailable:
             plan = await gateway.queue.wait(route, unavailable, priority)
-        if record.reservation is None and not await budget.admit(plan, body, requirements, record):
-            last: NexusError = budget.refuse(plan)  # another request took what was left: route again
-            continue
         try:
             return await gateway.proxy.forward(request, endpoint, body, plan, record)
         except CapacityLost as lost:  # another request took the slot first: wait for the next one
-            last = lost
-    raise last
+            last_lost = lost
+    raise last_lost
 
 
 chat_completions = _proxied("/v1/chat/completions", analyse_chat)

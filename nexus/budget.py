@@ -7,7 +7,7 @@
   backends cost ``local_usd_per_gpu_second`` per second (0 by default) and do not count
   against the limit.
 * **Reservation.** Before a request is sent to a cloud backend, its worst case (prompt
-  tokens x input price + ``max_tokens`` -- or ``default_max_tokens`` -- x output price)
+  tokens x input price + ``max_tokens`` -- or ``default_reserved_output_tokens`` -- x output price)
   is held in the state store, atomically against the limit; the real cost replaces the
   hold when the request ends. So concurrent requests, even from several gateways
   sharing a Redis store, cannot pass the limit by more than the holds that were granted
@@ -36,8 +36,7 @@ from nexus.config import BudgetConfig
 from nexus.errors import ServiceUnavailable
 from nexus.pricing import PriceTable
 from nexus.record import RequestRecord
-from nexus.routing.intent import Requirements
-from nexus.routing.router import Attempt, RoutePlan
+from nexus.routing.router import Attempt
 from nexus.state.base import StateStore
 
 log = logging.getLogger("nexus.budget")
@@ -114,6 +113,7 @@ class Reservation:
     month: str
     amount: float
     prompt_tokens: int  # counted at admission; used when the response reports no usage
+    model: str  # what the hold was priced for
 
 
 class BudgetRefused(ServiceUnavailable):
@@ -177,7 +177,7 @@ class Budget:
         price = self.prices.price(model)
         if price is None:
             return None
-        output = self.config.default_max_tokens if max_tokens is None else max_tokens
+        output = self.config.default_reserved_output_tokens if max_tokens is None else max_tokens
         return price.cost(prompt_tokens, output)
 
     def would_exceed(self, estimate: float) -> bool:
@@ -185,25 +185,34 @@ class Budget:
 
     # -- admission ----------------------------------------------------------------------------
 
-    async def admit(self, plan: RoutePlan, body: bytes, requirements: Requirements,
-                    record: RequestRecord) -> bool:
-        """Hold the worst case of ``plan``'s first choice when it is a priced cloud backend.
+    async def hold(self, attempt: Attempt, record: RequestRecord, body: bytes) -> bool:
+        """Called before each attempt is sent. For a priced cloud backend, hold the request's
+        worst case in the store, atomically against the limit (a hold already taken for the
+        same model is reused; one for another model is released first). Returns False when
+        the store refused the hold: the proxy then skips this attempt.
 
-        Returns False when the store refused the hold (the limit would be passed): the
-        caller routes again, and the budget stage then sees the fresher totals."""
-        ranked = plan.first.ranked
-        if not ranked or not ranked[0].backend.cloud:
+        Also resets ``record.cost_usd`` to this attempt's own figure (the hold, or nothing)."""
+        record.cost_usd = record.cost_source = None
+        backend = attempt.candidate.backend
+        if not backend.cloud:
             return True
-        candidate = ranked[0]
-        tokens = candidate.backend.adapter.count_tokens(plan.first.model, prompt_text(body))
-        amount = self.estimate(plan.first.model, tokens, requirements.max_tokens)
+        held = record.reservation
+        if isinstance(held, Reservation) and held.model == attempt.model:
+            record.cost_usd, record.cost_source = held.amount, "estimate"
+            return True
+        text = prompt_text(body)
+        count = backend.adapter.count_tokens
+        # tiktoken runs at a few MB/s: a very long prompt is counted off the event loop.
+        tokens = count(attempt.model, text) if len(text) < 50_000 else await asyncio.to_thread(count, attempt.model, text)
+        amount = self.estimate(attempt.model, tokens, attempt.intent.requirements.max_tokens)
         if amount is None:
-            return True
+            return True  # unpriced: served, counted as unpriced when it ends
+        self.release(record)
         self._roll_month()
-        reservation = Reservation(f"{_ID_PREFIX}-{next(_ids)}", self.month, amount, tokens)
+        reservation = Reservation(f"{_ID_PREFIX}-{next(_ids)}", self.month, amount, tokens, attempt.model)
         enforce = self.limit if self.config.hard_limit_action != "warn" else None
         try:
-            held = await self.store.reserve(reservation.month, reservation.id, amount, enforce)
+            granted = await self.store.reserve(reservation.month, reservation.id, amount, enforce)
         except Exception as exc:  # the store is down: enforce by refusing, or (warn) serve unrecorded
             log.error("Budget state store unavailable (%s): %r", self.store.kind, exc)
             if enforce is None:
@@ -211,20 +220,32 @@ class Budget:
             raise ServiceUnavailable(
                 f"The budget cannot be checked: its {self.store.kind} state store is unavailable",
                 code="budget_store_unavailable", headers={"Retry-After": "5"}) from None
-        if not held:
+        if not granted:
             await self.refresh()
             return False
-        self.reserved += amount
+        if reservation.month == self.month:
+            self.reserved += amount
         record.reservation = reservation
-        record.cost_usd = amount  # the estimate, until the response says better
-        record.cost_source = "estimate"
+        record.cost_usd, record.cost_source = amount, "estimate"  # until the response says better
         return True
 
-    def refuse(self, plan: RoutePlan) -> BudgetRefused:
+    def release(self, record: RequestRecord, actual: float = 0.0) -> None:
+        """Drop the request's hold (if any), adding ``actual`` to the spend of its month."""
+        held = record.reservation
+        if not isinstance(held, Reservation):
+            return
+        record.reservation = None
+        if held.month == self.month:
+            self.reserved = max(self.reserved - held.amount, 0.0)
+            self.spent += actual
+        self._spawn(self.store.settle(held.month, held.id, actual))
+
+    def refuse(self, model: str) -> BudgetRefused:
+        """The answer when every attempt was a cloud backend whose hold the store refused."""
         self.refused += 1
         return BudgetRefused(
             f"Monthly budget of {usd(self.limit or 0.0)} would be exceeded by this request to "
-            f"'{plan.first.model}' (spent {usd(self.spent)}, held by requests in flight {usd(self.reserved)})",
+            f"'{model}' (spent {usd(self.spent)}, held by requests in flight {usd(self.reserved)})",
             code="budget_exceeded",
             context={"available_backends": [], "budget_status": self.status(),
                      "budget_remaining_usd": round(max((self.limit or 0.0) - self.spent, 0.0), 4)},
@@ -259,29 +280,29 @@ class Budget:
         record.cost_usd = price.cost(record.prompt_tokens or 0, record.completion_tokens or 0)
 
     def settle(self, record: RequestRecord) -> None:
-        """Observer: the request ended; replace its hold with what it really cost."""
-        if record.cost_source == "unpriced" and record.served_model:
+        """Observer: the request ended; its hold (if any) becomes what it really cost.
+
+        Charged: a cloud answer that was delivered, in full or in part (a cut or cancelled
+        stream that produced text). Not charged: failures, a backend's 4xx, local backends
+        (their energy cost is reported apart)."""
+        cloud = record.backend_type == "cloud"
+        served = cloud and (record.outcome in ("success", "interrupted") or bool(record.completion_tokens))
+        if served and record.cost_source == "unpriced" and record.served_model:
             self.unpriced[record.served_model] += 1
-        if record.backend_type != "cloud":
+        if not cloud:
             if record.cost_usd:
                 self.local_cost_usd += record.cost_usd
+            self.release(record)
             return
-        reservation = record.reservation
-        served = record.outcome in ("success", "interrupted") or record.completion_tokens
         actual = (record.cost_usd or 0.0) if served and record.cost_source != "unpriced" else 0.0
-        if not served and record.cost_source == "estimate":
-            record.cost_usd, record.cost_source = 0.0, None  # failed: nothing to pay, nothing to show
-        if isinstance(reservation, Reservation):
-            self.reserved = max(self.reserved - reservation.amount, 0.0)
-            month, rid = reservation.month, reservation.id
-        elif actual <= 0:
-            return
-        else:
+        if not served:
+            record.cost_usd, record.cost_source = None, None  # nothing to pay, nothing to show
+        if isinstance(record.reservation, Reservation):
+            self.release(record, actual)
+        elif actual > 0:  # priced but never held (the store was down under "warn")
             self._roll_month()
-            month, rid = self.month, ""
-        if month == self.month:
             self.spent += actual
-        self._spawn(self.store.settle(month, rid, actual))
+            self._spawn(self.store.settle(self.month, "", actual))
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]

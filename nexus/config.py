@@ -108,7 +108,7 @@ class BudgetConfig(_Section):
     soft_limit_percent: Annotated[float, msgspec.Meta(ge=0, le=100)] = 75.0
     hard_limit_action: Literal["warn", "block_cloud", "block_all"] = "warn"
     reconciliation_interval_secs: Annotated[float, msgspec.Meta(gt=0)] = 60.0
-    default_max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 1024  # output reserved when a request sets none
+    default_reserved_output_tokens: Annotated[int, msgspec.Meta(ge=1)] = 1024  # output reserved when a request sets none
     local_usd_per_gpu_second: NonNegative = 0.0  # energy price of local inference; 0 = local is free
     prices: dict[str, PriceConfig] = msgspec.field(default_factory=dict)
 

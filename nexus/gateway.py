@@ -50,6 +50,11 @@ def check_backend_types(config: Config, types: Mapping[str, type[BackendAdapter]
             raise ConfigError(f"backends[{i}] ({spec.name}): {exc}") from None
 
 
+def _warm_tokenizer(backend: Backend) -> None:
+    for model in ("gpt-4o", "gpt-4"):  # the two encodings of current OpenAI models
+        backend.adapter.count_tokens(model, "warm up")
+
+
 class Gateway:
     """Registry, router, proxy, health checker and discovery of one Nexus process."""
 
@@ -101,6 +106,8 @@ class Gateway:
             self._settle(self.build_backend(spec, spec.name, "static"))
         for backend in self.registry.all():
             await self._restore_quality(backend)
+            if backend.cloud:  # load its tokenizer now, off the loop, not on the first request
+                self._spawn(asyncio.to_thread(_warm_tokenizer, backend), f"tokenizer of {backend.id}")
         if health_check:
             self._spawn(self.health.run(), "health checker")
         self._spawn(self._recompute_quality(), "quality tracker")

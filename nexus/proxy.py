@@ -181,14 +181,20 @@ class Proxy:
         request_id = request_id_var.get() or ""
         bodies: dict[str, bytes] = {}
         last: NexusError | None = None
+        over_budget: str | None = None  # the model whose cloud hold the budget refused
         for attempt in plan:
             backend = attempt.candidate.backend
             if backend.at_capacity:  # filled up since routing: not a failure, just not this one
                 continue
             quality = backend.quality
-            if quality.excluded:  # only its one half-open trial may reach it
-                if quality.blocks(time.monotonic()):
-                    continue
+            if quality.excluded and quality.blocks(time.monotonic()):  # only its one half-open trial may pass
+                continue
+            if not await self.budget.hold(attempt, record, body):
+                over_budget = attempt.model
+                continue
+            if backend.at_capacity:  # the hold may have waited on the state store
+                continue
+            if quality.excluded:
                 quality.start_trial()
             record.attempt(attempt)
             adapter = backend.adapter
@@ -221,6 +227,8 @@ class Proxy:
                 first_byte = record.first_byte_at or time.monotonic()
                 backend.quality.record(record.outcome != "interrupted", (first_byte - started) * 1000)
             return response
+        if last is None and over_budget is not None:
+            raise self.budget.refuse(over_budget)
         if last is None:  # every candidate filled up between routing and sending
             raise CapacityLost(ServiceUnavailable("All backends for this model are at capacity",
                                                   headers={"Retry-After": "1"}), None)
@@ -272,6 +280,7 @@ class Proxy:
             raise _Failed(BadGateway(f"Backend {attempt.candidate.backend.id} rejected the key configured "
                                      f"for it (HTTP {status}); check its api_key_env"))
         record.status = status
+        record.cost_usd = record.cost_source = None  # a refused request costs nothing
         headers = self._headers(attempt, record)
         try:
             _decode_error_body(data)

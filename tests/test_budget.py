@@ -260,3 +260,89 @@ async def test_soft_limit_halves_cloud_scores_so_local_is_preferred(
     await gw.check_health()
     async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:  # cloud is still used when alone
         assert resp.status == 200 and resp.headers["X-Nexus-Backend"] == "cloud"
+
+
+# -- holds always end ---------------------------------------------------------------------
+
+async def test_a_cloud_failure_that_local_recovers_leaves_no_hold_and_no_charge(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    broken_cloud = FakeOpenAI(api_key=KEY, mode="status:500")
+    await broken_cloud.start()
+    try:
+        local = await fake_backend(name="local", models=["gpt-4o-mini"])
+        gw = await gateway(nexus, {**cloud(broken_cloud), "priority": 1}, backend_entry(local, priority=90),
+                           monthly_limit_usd=10.0)
+        async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200 and resp.headers["X-Nexus-Backend"] == "local"
+            assert "X-Nexus-Cost-Estimated" not in resp.headers  # the cloud hold is not the local cost
+        assert len(broken_cloud.chats) == 1
+        budget = gw.gateway.budget
+        await budget.drain()
+        assert (budget.spent, budget.reserved) == (0.0, 0.0)
+        assert await gw.gateway.store.totals(budget.month) == (0.0, 0.0)
+        assert (await stats(http, gw))["spend"]["local_energy_usd"] == 0
+    finally:
+        await broken_cloud.stop()
+
+
+async def test_a_cloud_4xx_passed_through_shows_and_costs_nothing(
+        nexus: NexusFactory, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    refusing = FakeOpenAI(api_key=KEY, mode="status:400")
+    await refusing.start()
+    try:
+        gw = await gateway(nexus, cloud(refusing), monthly_limit_usd=10.0)
+        async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 400 and "X-Nexus-Cost-Estimated" not in resp.headers
+        await gw.gateway.budget.drain()
+        assert await gw.gateway.store.totals(gw.gateway.budget.month) == (0.0, 0.0)
+    finally:
+        await refusing.stop()
+
+
+async def test_failover_onto_the_cloud_is_held_too_so_200_concurrent_cannot_overrun(
+        openai_api: FakeOpenAI, fake_backend: BackendFactory, nexus: NexusFactory,
+        http: aiohttp.ClientSession) -> None:
+    # The local backend ranks first and fails every request: each one fails over to the cloud,
+    # which must hold the budget then, not only when the cloud was the first choice.
+    local = await fake_backend(name="local", models=["gpt-4o-mini"], mode="status:500")
+    limit = 0.5
+    gw = await gateway(nexus, {**cloud(openai_api), "priority": 90}, backend_entry(local, priority=1),
+                       monthly_limit_usd=limit, hard_limit_action="block_cloud")
+
+    async def one() -> int:
+        async with http.post(f"{gw.url}/v1/chat/completions", json=CHAT) as resp:
+            await resp.read()
+            return resp.status
+
+    statuses = await asyncio.gather(*(one() for _ in range(200)))
+    budget = gw.gateway.budget
+    await budget.drain()
+    await budget.refresh()
+    served = statuses.count(200)
+    assert served == len(openai_api.chats) and statuses.count(503) + statuses.count(502) > 0
+    assert budget.spent == pytest.approx(served * 0.007) and budget.reserved == 0
+    assert budget.spent <= limit
+
+
+async def test_settling_a_hold_of_last_month_leaves_this_months_holds_alone() -> None:
+    from nexus.budget import Reservation
+    from nexus.record import RequestRecord
+
+    now = [1_798_761_600.0 - 10]  # 2026-12-31T23:59:50Z
+    store = MemoryStore()
+    budget = Budget(BudgetConfig(monthly_limit_usd=100.0), store, PriceTable(BudgetConfig()), clock=lambda: now[0])
+    old = RequestRecord("/v1/chat/completions", "m", False, backend_type="cloud", outcome="error")
+    old.reservation = Reservation("old", "2026-12", 3.0, 10, "m")
+    await store.reserve("2026-12", "old", 3.0, None)
+    budget.reserved = 3.0
+    now[0] += 20
+    await budget.refresh()  # January: the December hold is not this month's
+    await store.reserve("2027-01", "new", 5.0, None)
+    budget.reserved += 5.0
+    budget.settle(old)
+    await budget.drain()
+    assert budget.reserved == 5.0 and await store.totals("2027-01") == (0.0, 5.0)
+    assert await store.totals("2026-12") == (0.0, 0.0)

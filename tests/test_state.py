@@ -110,8 +110,11 @@ async def test_months_are_separate_budgets(store: StateStore) -> None:
     assert await store.totals("2024-07") == (0.0, 0.0)
 
 
-async def test_settling_an_unknown_reservation_still_records_the_spend(store: StateStore) -> None:
-    await store.settle(MONTH, "never-held", 0.25)
+async def test_spend_without_a_hold_is_recorded_but_a_reclaimed_hold_is_not_charged_twice(
+        store: StateStore) -> None:
+    await store.settle(MONTH, "", 0.25)  # spend that never had a hold
+    assert await store.totals(MONTH) == (0.25, 0.0)
+    await store.settle(MONTH, "already-reclaimed", 0.5)  # its worst case was charged by reclaim
     assert await store.totals(MONTH) == (0.25, 0.0)
 
 
@@ -227,8 +230,8 @@ async def test_holds_of_another_host_are_reclaimed_once_older_than_the_age(durab
         assert await here.totals(MONTH) == (0.0, 0.7)
         assert await here.reclaim(0) == pytest.approx(0.7)
         assert await here.totals(MONTH) == (0.7, 0.0)
-        await elsewhere.settle(MONTH, "theirs", 0.5)  # a late settle adds what it cost, holds nothing
-        assert await here.totals(MONTH) == (1.2, 0.0)
+        await elsewhere.settle(MONTH, "theirs", 0.5)  # too late: the worst case charged stands, once
+        assert await here.totals(MONTH) == (0.7, 0.0)
     finally:
         await elsewhere.close()
         await here.close()

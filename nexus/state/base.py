@@ -68,7 +68,9 @@ class StateStore(abc.ABC):
 
     @abc.abstractmethod
     async def settle(self, month: str, reservation_id: str, actual: float) -> None:
-        """Release the reservation (if any) and add ``actual`` to the month's spend, atomically."""
+        """Release the reservation and add ``actual`` to the month's spend, atomically. With an
+        empty ``reservation_id``, just add ``actual``. When the hold is gone (a ``reclaim``
+        already charged its reserved amount), add nothing: the worst case stands."""
 
     @abc.abstractmethod
     async def totals(self, month: str) -> tuple[float, float]:
@@ -121,7 +123,8 @@ class MemoryStore(StateStore):
         return True
 
     async def settle(self, month: str, reservation_id: str, actual: float) -> None:
-        self._held.pop(reservation_id, None)
+        if reservation_id and self._held.pop(reservation_id, None) is None:
+            return  # as the durable stores: a hold already reclaimed is not charged twice
         self._spent[month] = self._spent.get(month, 0.0) + actual
 
     def _totals(self, month: str) -> tuple[float, float]:

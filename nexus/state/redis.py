@@ -69,7 +69,8 @@ if hold then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('DECRBY', KEYS[2], held)
   if actual == '' then actual = held end
-elseif actual == '' then
+elseif actual == '' or ARGV[1] ~= '' then
+  -- no hold: a reclaim already charged its worst case, which stands (never count twice)
   return 0
 end
 redis.call('INCRBY', KEYS[1], actual)

@@ -409,7 +409,9 @@ def _totals(conn: sqlite3.Connection, month: str) -> tuple[int, int]:
 
 
 def _settle(conn: sqlite3.Connection, month: str, reservation_id: str, micros: int) -> None:
-    conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,))
+    deleted = conn.execute("DELETE FROM reservations WHERE id = ?", (reservation_id,)).rowcount
+    if reservation_id and not deleted:
+        return  # a reclaim already charged this hold's worst case, which stands (never count twice)
     conn.execute("INSERT INTO spend (month, micros) VALUES (?, ?) "
                  "ON CONFLICT (month) DO UPDATE SET micros = micros + excluded.micros", (month, micros))
 
