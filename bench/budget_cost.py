@@ -5,7 +5,7 @@ limit set, ``block_cloud``) and sends sequential chat requests, non-streaming an
 streaming (without a usage chunk, so the streamed text is counted with tiktoken). The
 budget's three request-path steps are wrapped with timers:
 
-* ``admit``: exact prompt count + the atomic hold in the state store (awaited; for
+* ``hold``: exact prompt count + the atomic hold in the state store (awaited; for
   SQLite it includes the round trip to the writer thread, for Redis the network);
 * ``price_response``: the cost from ``usage`` or from counting the streamed text;
 * ``settle``: the observer that releases the hold (the store write itself is queued).
@@ -105,7 +105,7 @@ async def main(store: str, redis_url: str | None, n: int, concurrent: int) -> No
     await gateway.health.check_all()
     budget: Budget = gateway.budget
     samples: dict[str, list[float]] = defaultdict(list)
-    budget.admit = timed(samples["admit"], budget.admit)  # type: ignore[method-assign]
+    budget.hold = timed(samples["hold"], budget.hold)  # type: ignore[method-assign]
     budget.price_response = timed(samples["price_response"], budget.price_response)  # type: ignore[method-assign]
     gateway.observers[gateway.observers.index(budget.settle)] = timed(samples["settle"], budget.settle)
     nexus_plugin_openai.count_tokens("gpt-4o-mini", "warm up")  # load the encoding before timing
