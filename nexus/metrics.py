@@ -51,10 +51,6 @@ BUDGET_STATUS = {"Normal": 0, "SoftLimit": 1, "HardLimit": 2}
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 # Status codes of errors Nexus raises before any backend was tried (routing, request checks).
-_REFUSED = {400: "invalid_request", 404: "model_not_found", 413: "payload_too_large",
-            415: "unsupported_media_type", 422: "invalid_request"}
-_FAILED = {500: "internal_error", 502: "backend_error", 503: "unavailable", 504: "timeout"}
-
 
 @lru_cache(maxsize=4096)
 def sanitize_label(value: str) -> str:
@@ -62,18 +58,6 @@ def sanitize_label(value: str) -> str:
     leading digit gets a ``_`` prefix (``ollama-local:11434`` -> ``ollama_local_11434``)."""
     clean = _UNSAFE.sub("_", value)
     return "_" + clean if clean[:1].isdigit() else clean
-
-
-def error_type(record: RequestRecord) -> str:
-    """The ``error_type`` of a request that ended in error, from a small fixed set."""
-    if record.outcome == "interrupted":
-        return "stream_interrupted"
-    status = record.status
-    if 400 <= status < 500:
-        if record.backend is not None and status not in (413, 415):
-            return "backend_client_error"  # a backend's own 4xx, passed through
-        return _REFUSED.get(status, "invalid_request")
-    return _FAILED.get(status, "internal_error" if status == 0 else OTHER)
 
 
 class _Counter:
@@ -220,7 +204,7 @@ class Metrics:
         elif outcome == "cancelled":
             self.cancelled.inc((model,))
         else:
-            self.errors.inc((error_type(r), model))
+            self.errors.inc((r.error_kind(), model))
         if r.retries > 0:
             self.errors.inc(("retry", model), r.retries)
         if r.stream and r.ttft_ms is not None:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from nexus.routing.router import Attempt
 
 log = logging.getLogger("nexus.proxy")
+_REFUSED = {400: "invalid_request", 404: "model_not_found", 413: "payload_too_large",
+            415: "unsupported_media_type", 422: "invalid_request"}
+_FAILED = {500: "internal_error", 502: "backend_error", 503: "unavailable", 504: "timeout"}
 _NOT_LOGGED = frozenset({"started", "attempt_started", "first_byte_at", "timestamp", "request_id", "reservation"})
 
 
@@ -61,6 +64,18 @@ class RequestRecord:
     def end(self) -> None:
         """Fix the duration; called once, just before observers see the record."""
         self.duration_ms = round((time.monotonic() - self.started) * 1000, 1)
+
+    def error_kind(self) -> str:
+        """What kind of error ended the request, from a small fixed set (metrics' ``error_type``,
+        ``/v1/stats`` ``errors_by_type``)."""
+        if self.outcome == "interrupted":
+            return "stream_interrupted"
+        status = self.status
+        if 400 <= status < 500:
+            if self.backend is not None and status not in (413, 415):
+                return "backend_client_error"  # a backend's own 4xx, passed through
+            return _REFUSED.get(status, "invalid_request")
+        return _FAILED.get(status, "internal_error" if status == 0 else "other")
 
     def log(self) -> None:
         level = logging.INFO if self.outcome in ("success", "cancelled") else logging.WARNING

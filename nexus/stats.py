@@ -31,10 +31,13 @@ class Stats:
     started: float = field(default_factory=time.time)
     outcomes: Counter[str] = field(default_factory=Counter)
     error_statuses: Counter[int] = field(default_factory=Counter)
+    error_kinds: Counter[str] = field(default_factory=Counter)
     models: dict[str, _ModelStats] = field(default_factory=dict)
 
     def record(self, record: RequestRecord) -> None:
         self.outcomes[record.outcome] += 1
+        if record.outcome in ("error", "interrupted"):
+            self.error_kinds[record.error_kind()] += 1
         if record.outcome == "error":
             self.error_statuses[record.status] += 1
         if record.backend is None:  # refused before any backend was tried
@@ -56,6 +59,7 @@ class Stats:
                 "cancelled": self.outcomes["cancelled"],
                 "interrupted": self.outcomes["interrupted"],
                 "errors_by_status": {str(k): v for k, v in sorted(self.error_statuses.items())},
+                "errors_by_type": dict(sorted(self.error_kinds.items())),
             },
             "backends": [
                 {

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from nexus.metrics import MAX_BACKEND_LABELS, Metrics, error_type, sanitize_label
+from nexus.metrics import MAX_BACKEND_LABELS, Metrics, sanitize_label
 from nexus.record import RequestRecord
 from nexus.testing import CHAT, BackendFactory, NexusFactory, RunningNexus, backend_entry
 
@@ -209,7 +209,7 @@ def test_cost_histogram_and_error_types() -> None:
     assert b'nexus_cost_per_request_usd_bucket{le="0.005",model="other"} 1.0' in metrics.render()
 
     def kind(**fields: Any) -> str:
-        return error_type(RequestRecord("/v1/chat/completions", "m", False, **fields))
+        return RequestRecord("/v1/chat/completions", "m", False, **fields).error_kind()
 
     assert kind(status=404) == "model_not_found"
     assert kind(status=404, backend="b") == "backend_client_error"

@@ -24,7 +24,8 @@ async def test_stats_count_what_happened(fake_backend: BackendFactory, nexus: Ne
     async with http.get(f"{gw.url}/v1/stats") as resp:
         stats = await resp.json()
     assert stats["requests"] == {"total": 6, "success": 4, "errors": 2, "cancelled": 0, "interrupted": 0,
-                                 "errors_by_status": {"404": 1, "502": 1}}
+                                 "errors_by_status": {"404": 1, "502": 1},
+                                 "errors_by_type": {"backend_error": 1, "model_not_found": 1}}
     by_id = {b["id"]: b for b in stats["backends"]}
     assert by_id["good"]["requests"] == 4 and by_id["good"]["pending"] == 0
     assert by_id["bad"]["max_concurrent"] == 4 and by_id["bad"]["zone"] == "restricted"
@@ -50,6 +51,7 @@ async def test_requests_refused_for_their_body_are_counted_and_in_history(
         stats = await resp.json()
     assert stats["requests"]["errors"] == 2
     assert stats["requests"]["errors_by_status"] == {"400": 1, "413": 1}
+    assert stats["requests"]["errors_by_type"] == {"invalid_request": 1, "payload_too_large": 1}
     async with http.get(f"{gw.url}/v1/history") as resp:
         history = await resp.json()
     assert [(h["status_code"], h["backend_id"]) for h in history] == [(400, "none"), (413, "none")]
