@@ -139,6 +139,7 @@ class Budget:
         self.local_cost_usd = 0.0  # energy cost of local requests since start
         self.refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._live: dict[str, Reservation] = {}  # holds of requests still running, kept young
 
     # -- status -------------------------------------------------------------------------------
 
@@ -225,6 +226,7 @@ class Budget:
             return False
         if reservation.month == self.month:
             self.reserved += amount
+        self._live[reservation.id] = reservation
         record.reservation = reservation
         record.cost_usd, record.cost_source = amount, "estimate"  # until the response says better
         return True
@@ -235,6 +237,7 @@ class Budget:
         if not isinstance(held, Reservation):
             return
         record.reservation = None
+        self._live.pop(held.id, None)
         if held.month == self.month:
             self.reserved = max(self.reserved - held.amount, 0.0)
             self.spent += actual
@@ -334,6 +337,7 @@ class Budget:
         """Every ``reconciliation_interval_secs``: reclaim holds of dead gateways, refresh."""
         while True:
             try:
+                await self.keep_holds_young()
                 moved = await self.store.reclaim(max(2 * max_request_seconds, 600.0))
                 if moved:
                     log.warning("Settled $%.4f held by requests of a gateway that stopped", moved)
@@ -341,6 +345,14 @@ class Budget:
             except Exception as exc:  # a store hiccup must not end the loop
                 log.error("Budget reconciliation failed: %r", exc)
             await asyncio.sleep(self.config.reconciliation_interval_secs)
+
+    async def keep_holds_young(self) -> None:
+        """Touch the holds of requests still running (a stream may outlive the reclaim age)."""
+        by_month: dict[str, list[str]] = {}
+        for reservation in self._live.values():
+            by_month.setdefault(reservation.month, []).append(reservation.id)
+        for month, ids in by_month.items():
+            await self.store.touch(month, ids)
 
     async def drain(self) -> None:
         """Wait for queued settlements (at shutdown)."""

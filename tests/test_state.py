@@ -237,6 +237,25 @@ async def test_holds_of_another_host_are_reclaimed_once_older_than_the_age(durab
         await here.close()
 
 
+async def test_a_touched_hold_is_young_again_so_a_long_request_is_not_reclaimed(durable: StoreFactory) -> None:
+    elsewhere = durable(owner="other-host:4242")
+    here = durable()
+    await elsewhere.open()
+    await here.open()
+    try:
+        assert await elsewhere.reserve(MONTH, "long-stream", 0.7, None)
+        assert await elsewhere.reserve(MONTH, "forgotten", 0.2, None)
+        await asyncio.sleep(0.05)  # both holds are now older than the reclaim age below
+        await elsewhere.touch(MONTH, ["long-stream", "never-held"])
+        assert await here.reclaim(0.04) == pytest.approx(0.2)  # only the untouched one
+        assert await here.totals(MONTH) == (pytest.approx(0.2), pytest.approx(0.7))
+        await elsewhere.settle(MONTH, "long-stream", 0.1)  # it ends and costs what it cost
+        assert await here.totals(MONTH) == (pytest.approx(0.3), 0.0)
+    finally:
+        await elsewhere.close()
+        await here.close()
+
+
 # -- SQLite ------------------------------------------------------------------------------------
 
 

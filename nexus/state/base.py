@@ -76,6 +76,10 @@ class StateStore(abc.ABC):
     async def totals(self, month: str) -> tuple[float, float]:
         """``(spent, reserved)`` for ``month``, across every gateway sharing this store."""
 
+    async def touch(self, month: str, reservation_ids: list[str]) -> None:
+        """Mark holds of requests that are still running as young, so an age-based
+        ``reclaim`` by another gateway never charges them (a long stream, say)."""
+
     @abc.abstractmethod
     async def reclaim(self, older_than_seconds: float) -> float:
         """Settle reservations left by gateways that died (older than the given age, or owned

@@ -77,6 +77,18 @@ redis.call('INCRBY', KEYS[1], actual)
 return tonumber(actual)
 """
 
+# KEYS: holds. ARGV: now, then reservation ids. Rewrites each hold's "created" time.
+_TOUCH = """
+for i = 2, #ARGV do
+  local hold = redis.call('HGET', KEYS[1], ARGV[i])
+  if hold then
+    local micros, owner = string.match(hold, '^(%-?%d+):[^:]*:(.*)$')
+    redis.call('HSET', KEYS[1], ARGV[i], micros .. ':' .. ARGV[1] .. ':' .. owner)
+  end
+end
+return 1
+"""
+
 _history_decoder = msgspec.json.Decoder(HistoryEntry)
 _buckets_decoder = msgspec.json.Decoder(list[QualityBucket])
 _encoder = msgspec.json.Encoder()
@@ -141,6 +153,7 @@ class RedisStore(StateStore):
         self._client = client
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
+        self._touch = client.register_script(_TOUCH)
         self._wake = asyncio.Event()
         self._writer = asyncio.create_task(self._write_loop(), name="nexus-state-redis-writer")
 
@@ -202,6 +215,11 @@ class RedisStore(StateStore):
         self._check_open()
         await asyncio.shield(self._spawn(self._settle(keys=self._ledger_keys(month),
                                                       args=[reservation_id, to_micros(actual)])))
+
+    async def touch(self, month: str, reservation_ids: list[str]) -> None:
+        self._check_open()
+        if reservation_ids:
+            await self._touch(keys=[self._ledger_keys(month)[2]], args=[f"{time.time():.3f}", *reservation_ids])
 
     async def totals(self, month: str) -> tuple[float, float]:
         spent, reserved = await self._check_open().mget(self._ledger_keys(month)[:2])

@@ -336,6 +336,12 @@ class SqliteStore(StateStore):
         micros = to_micros(actual)
         await self._call(lambda conn: _settle(conn, month, reservation_id, micros), write=True)
 
+    async def touch(self, month: str, reservation_ids: list[str]) -> None:
+        now = time.time()
+        rows = [(now, rid) for rid in reservation_ids]
+        await self._call(lambda conn: conn.executemany("UPDATE reservations SET created = ? WHERE id = ?", rows),
+                         write=True)
+
     async def totals(self, month: str) -> tuple[float, float]:
         spent, reserved = await self._call(lambda conn: _totals(conn, month), write=False)
         return from_micros(spent), from_micros(reserved)
