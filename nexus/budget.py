@@ -140,6 +140,7 @@ class Budget:
         self.refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: dict[str, Reservation] = {}  # holds of requests still running, kept young
+        self._in_flight_changes: list[float] | None = None  # [spent, reserved] while refresh() reads
 
     # -- status -------------------------------------------------------------------------------
 
@@ -225,7 +226,7 @@ class Budget:
             await self.refresh()
             return False
         if reservation.month == self.month:
-            self.reserved += amount
+            self._change(0.0, amount)
         self._live[reservation.id] = reservation
         record.reservation = reservation
         record.cost_usd, record.cost_source = amount, "estimate"  # until the response says better
@@ -239,8 +240,7 @@ class Budget:
         record.reservation = None
         self._live.pop(held.id, None)
         if held.month == self.month:
-            self.reserved = max(self.reserved - held.amount, 0.0)
-            self.spent += actual
+            self._change(actual, -held.amount)
         self._spawn(self.store.settle(held.month, held.id, actual))
 
     def refuse(self, model: str) -> BudgetRefused:
@@ -304,8 +304,16 @@ class Budget:
             self.release(record, actual)
         elif actual > 0:  # priced but never held (the store was down under "warn")
             self._roll_month()
-            self.spent += actual
+            self._change(actual, 0.0)
             self._spawn(self.store.settle(self.month, "", actual))
+
+    def _change(self, spent: float, reserved: float) -> None:
+        """This gateway's own change to the month's totals, applied to the cached view at once."""
+        self.spent += spent
+        self.reserved = max(self.reserved + reserved, 0.0)
+        if self._in_flight_changes is not None:
+            self._in_flight_changes[0] += spent
+            self._in_flight_changes[1] += reserved
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -330,7 +338,15 @@ class Budget:
     async def refresh(self) -> None:
         """Totals from the store (every gateway's spend), month rollover, gauges' inputs."""
         self._roll_month()
-        self.spent, self.reserved = await self.store.totals(self.month)
+        self._in_flight_changes = [0.0, 0.0]
+        try:
+            spent, reserved = await self.store.totals(self.month)
+            # Holds and settlements made while the read was in flight may be missing from it:
+            # add them back (counting one twice errs on the safe side; missing one would not).
+            self.spent = spent + self._in_flight_changes[0]
+            self.reserved = max(reserved + self._in_flight_changes[1], 0.0)
+        finally:
+            self._in_flight_changes = None
         self.last_reconciliation = self.clock()
 
     async def run(self, max_request_seconds: float) -> None:

@@ -346,3 +346,25 @@ async def test_settling_a_hold_of_last_month_leaves_this_months_holds_alone() ->
     await budget.drain()
     assert budget.reserved == 5.0 and await store.totals("2027-01") == (0.0, 5.0)
     assert await store.totals("2026-12") == (0.0, 0.0)
+
+
+async def test_a_refresh_keeps_what_changed_while_it_was_reading_the_store() -> None:
+    class SlowTotals(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reading, self.answer = asyncio.Event(), asyncio.Event()
+
+        async def totals(self, month: str) -> tuple[float, float]:
+            result = self._totals(month)  # read now, answer later: as a store busy elsewhere
+            self.reading.set()
+            await self.answer.wait()
+            return result
+
+    store = SlowTotals()
+    budget = Budget(BudgetConfig(monthly_limit_usd=10.0), store, PriceTable(BudgetConfig()))
+    refreshing = asyncio.ensure_future(budget.refresh())
+    await store.reading.wait()
+    budget._change(0.0, 2.5)  # a hold granted meanwhile
+    store.answer.set()
+    await refreshing
+    assert budget.reserved == 2.5  # not overwritten by the older read
