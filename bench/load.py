@@ -332,8 +332,9 @@ async def bench_target(target: str, server: Server, duration: float) -> list[Res
     return results
 
 
-def nexus_config(backend_port: int) -> str:
+def nexus_config(backend_port: int, state: str, workdir: Path) -> str:
     return (
+        f'[state]\nbackend = "{state}"\npath = "{workdir / "state.db"}"\n\n'
         "[[backends]]\n"
         'name = "bench"\n'
         f'url = "http://{HOST}:{backend_port}"\n'
@@ -342,7 +343,7 @@ def nexus_config(backend_port: int) -> str:
     )
 
 
-async def run_benchmark(targets: list[str], duration: float) -> list[Result]:
+async def run_benchmark(targets: list[str], duration: float, state: str = "sqlite") -> list[Result]:
     py = sys.executable
     servers: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="nexus-bench-") as tmp:
@@ -366,7 +367,7 @@ async def run_benchmark(targets: list[str], duration: float) -> list[Result]:
                 servers.append(gateways["passthrough"])
             if "nexus" in targets:
                 config = workdir / "nexus.toml"
-                config.write_text(nexus_config(backend.port))
+                config.write_text(nexus_config(backend.port, state, workdir))
                 port = free_port()
                 gateways["nexus"] = start_server(
                     "nexus",
@@ -397,6 +398,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 s per run")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--state", choices=["sqlite", "memory"], default="sqlite",
+                        help="Nexus's [state] backend (default sqlite, as a user gets it)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write results as JSON to PATH")
     args = parser.parse_args()
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -411,7 +414,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     try:
-        results = asyncio.run(run_benchmark(args.targets, args.duration))
+        results = asyncio.run(run_benchmark(args.targets, args.duration, args.state))
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

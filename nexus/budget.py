@@ -140,7 +140,7 @@ class Budget:
         self.refused = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._live: dict[str, Reservation] = {}  # holds of requests still running, kept young
-        self._in_flight_changes: list[float] | None = None  # [spent, reserved] while refresh() reads
+        self._reads: list[list[float]] = []  # [spent, reserved] changes per refresh() in flight
 
     # -- status -------------------------------------------------------------------------------
 
@@ -311,9 +311,9 @@ class Budget:
         """This gateway's own change to the month's totals, applied to the cached view at once."""
         self.spent += spent
         self.reserved = max(self.reserved + reserved, 0.0)
-        if self._in_flight_changes is not None:
-            self._in_flight_changes[0] += spent
-            self._in_flight_changes[1] += reserved
+        for changes in self._reads:
+            changes[0] += spent
+            changes[1] += reserved
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -338,15 +338,16 @@ class Budget:
     async def refresh(self) -> None:
         """Totals from the store (every gateway's spend), month rollover, gauges' inputs."""
         self._roll_month()
-        self._in_flight_changes = [0.0, 0.0]
+        changes = [0.0, 0.0]  # this gateway's own changes while the read is in flight
+        self._reads.append(changes)
         try:
             spent, reserved = await self.store.totals(self.month)
-            # Holds and settlements made while the read was in flight may be missing from it:
-            # add them back (counting one twice errs on the safe side; missing one would not).
-            self.spent = spent + self._in_flight_changes[0]
-            self.reserved = max(reserved + self._in_flight_changes[1], 0.0)
         finally:
-            self._in_flight_changes = None
+            self._reads.remove(changes)
+        # Holds and settlements made while the read was in flight may be missing from it: add
+        # them back (counting one twice errs on the safe side; missing one would not).
+        self.spent = spent + changes[0]
+        self.reserved = max(reserved + changes[1], 0.0)
         self.last_reconciliation = self.clock()
 
     async def run(self, max_request_seconds: float) -> None:

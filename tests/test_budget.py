@@ -362,9 +362,9 @@ async def test_a_refresh_keeps_what_changed_while_it_was_reading_the_store() -> 
 
     store = SlowTotals()
     budget = Budget(BudgetConfig(monthly_limit_usd=10.0), store, PriceTable(BudgetConfig()))
-    refreshing = asyncio.ensure_future(budget.refresh())
+    refreshing = asyncio.gather(budget.refresh(), budget.refresh())  # two at once, as under load
     await store.reading.wait()
     budget._change(0.0, 2.5)  # a hold granted meanwhile
     store.answer.set()
     await refreshing
-    assert budget.reserved == 2.5  # not overwritten by the older read
+    assert budget.reserved == 2.5  # not overwritten by the older reads
