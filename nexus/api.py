@@ -30,6 +30,7 @@ from nexus import metrics as metrics_mod, openapi
 from nexus.routing.analysis import analyse_chat, analyse_completion, analyse_embedding
 from nexus.proxy import CapacityLost
 from nexus.record import RequestRecord
+from nexus.redact import redact_url
 from nexus.queue import priority_of
 from nexus.routing.intent import Requirements
 from nexus.routing.router import RoutePlan, Unavailable
@@ -177,7 +178,7 @@ def backend_view(b: Backend) -> dict[str, object]:
     return {
         "id": b.id,
         "name": b.name,
-        "url": b.url,
+        "url": redact_url(b.url),
         "type": b.type_name,
         "status": b.status.value,
         "source": b.source,

@@ -42,14 +42,19 @@ def _timestamp(record: logging.LogRecord) -> str:
     return f"{_second_cache[1]}.{int(record.msecs):03d}Z"
 
 
+# Every control character is shown escaped, so text from clients or backends (a model name,
+# an error body) can neither start a fake log line (\n, \r) nor drive the terminal (ESC).
+_CONTROLS = str.maketrans({i: f"\\x{i:02x}" for i in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"})
+
+
 class PrettyFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         rid = getattr(record, "request_id", None)
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items()).replace("\n", "\\n")
+        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items()).translate(_CONTROLS)
         line = f"{_timestamp(record)} {record.levelname:<7} {record.name}"
         if rid:
             line += f" [{rid}]"
-        line += " " + record.getMessage().replace("\n", "\\n")  # one line per event, always
+        line += " " + record.getMessage().translate(_CONTROLS)  # one line per event, always
         if extra:
             line += f" {extra}"
         if record.exc_info:

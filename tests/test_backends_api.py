@@ -52,3 +52,16 @@ async def test_backend_list_shows_status_and_never_keys(fake_backend: BackendFac
         text = await resp.text()
     assert "sk-very-secret" not in text
     assert '"status":"healthy"' in text
+
+
+async def test_a_password_in_a_backend_url_is_never_shown(fake_backend: BackendFactory, nexus: NexusFactory,
+                                                          http: aiohttp.ClientSession) -> None:
+    backend = await fake_backend()
+    url = backend.url.replace("http://", "http://admin:hunter2@")
+    gw = await nexus({"backends": [{**backend_entry(backend), "url": url}]})
+    for path in ("/v1/backends", "/", "/v1/stats"):
+        async with http.get(f"{gw.url}{path}") as resp:
+            text = await resp.text()
+        assert "hunter2" not in text, path
+    async with http.get(f"{gw.url}/v1/backends") as resp:
+        assert (await resp.json())["backends"][0]["url"] == backend.url.replace("http://", "http://admin:***@")

@@ -154,3 +154,12 @@ def test_a_bad_log_call_does_not_stop_logging(log_output: io.StringIO) -> None:
     assert [line["level"] for line in lines] == ["INFO", "ERROR", "INFO"]
     assert "module 'io'" in lines[0]["where"] and "template 'bad args %d'" in lines[1]["message"]
     assert lines[2]["message"] == "still logging"
+
+
+def test_pretty_lines_escape_control_characters_from_clients(log_output: io.StringIO) -> None:
+    logs.setup(config_mod.LoggingConfig(format="pretty"), stream=log_output)
+    logging.getLogger("nexus.proxy").warning("model %s", "x\nFAKE LINE\r\x1b[2Kgone", extra={"error": "a\nb"})
+    logs.flush()
+    lines = log_output.getvalue().splitlines()
+    assert len(lines) == 1
+    assert "x\\nFAKE LINE\\r\\x1b[2Kgone" in lines[0] and "error=a\\nb" in lines[0]

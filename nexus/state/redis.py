@@ -29,7 +29,6 @@ import time
 from collections import deque
 from collections.abc import Coroutine
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
@@ -37,12 +36,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from nexus.errors import ConfigError
+from nexus.redact import redact_url as redacted
 from nexus.state.base import HistoryEntry, QualityBucket, StateStore
 from nexus.state.sqlite import from_micros, this_owner, to_micros
 
 log = logging.getLogger("nexus.state")
 
 HISTORY_KEEP = 1000
+MAX_PENDING = 10 * HISTORY_KEEP  # queued history/quality writes kept while Redis lags
 MAX_CONNECTIONS = 32  # concurrent commands beyond this wait for a connection, not open more
 
 # KEYS: spent, reserved, holds. ARGV: id, micros, limit micros ('' = none), hold record.
@@ -92,18 +93,6 @@ return 1
 _history_decoder = msgspec.json.Decoder(HistoryEntry)
 _buckets_decoder = msgspec.json.Decoder(list[QualityBucket])
 _encoder = msgspec.json.Encoder()
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password, fit for an error message or a log line."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<unparsable url>"
 
 
 class RedisStore(StateStore):
@@ -246,6 +235,9 @@ class RedisStore(StateStore):
     def _enqueue(self, item: tuple[str, ...]) -> None:
         if self._wake is None or self._stopping:
             return  # not open, or closed: the caller must not fail for it
+        if len(self._pending) >= MAX_PENDING:  # Redis is slow or away: drop the oldest, never grow
+            self._pending.popleft()
+            self._handled += 1  # as if written, so readers waiting for it are not held up
         self._pending.append(item)
         self._queued += 1
         self._wake.set()
