@@ -25,6 +25,8 @@ from pathlib import Path
 
 import aiohttp
 
+from nexus.testing.processes import stop_process
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 HOST = "127.0.0.1"
@@ -106,13 +108,7 @@ async def wait_ready(server: Server) -> None:
 
 
 def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
+    stop_process(server.proc, timeout=5)
 
 
 # --------------------------------------------------------------------------- CPU accounting

@@ -17,6 +17,8 @@ import time
 
 from dataclasses import dataclass, field
 
+from nexus.testing.processes import stop_process
+
 STARTUP_TIMEOUT = 10.0
 
 
@@ -56,13 +58,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=10)
         if self.log_reader is not None:
             self.log_reader.join()  # ends at EOF, now that the server is gone
         assert self.process.stdout is not None
