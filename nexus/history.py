@@ -83,9 +83,17 @@ class History:
 
     async def load(self, store: StateStore) -> None:
         """Write new entries to ``store`` from now on, and put its newest entries in front of
-        anything recorded so far, so history survives a restart."""
+        anything recorded so far, so history survives a restart.
+
+        Never raises because of what is stored: the stores skip rows they cannot decode,
+        and a read that fails outright leaves the history empty (start-up goes on)."""
         self.store = store
-        stored = await store.recent_history(self.capacity)
+        try:
+            stored = await store.recent_history(self.capacity)
+        except Exception as exc:
+            log.warning("Could not read the stored request history (%s: %s); starting with an empty history",
+                        type(exc).__name__, exc)
+            return
         if stored:
             current = list(self._entries)
             self._entries.clear()

@@ -22,6 +22,12 @@ never makes the gateway buffer without bound: its queue drops the oldest message
 write that stalls for :data:`SEND_TIMEOUT` seconds disconnects it (the page reconnects
 and gets a fresh snapshot). A message larger than :data:`MAX_MESSAGE_BYTES` is dropped,
 never truncated into invalid JSON.
+
+Only the dashboard's own page may open the socket from a browser: a request with an
+``Origin`` header whose host and port differ from its ``Host`` gets 403 before the
+upgrade (:func:`same_origin`), so a page on another site cannot read the feed (backend
+URLs, models, history) through a visitor's browser. Clients that send no ``Origin``
+(scripts, ``websocat``) are not browsers acting for another site, and are let in.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ from collections import deque
 from typing import Any
 
 import msgspec
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from yarl import URL
 
 from nexus.api import GATEWAY, backend_view
-from nexus.errors import ServiceUnavailable
+from nexus.errors import Forbidden, ServiceUnavailable
 from nexus.gateway import Gateway
 from nexus.registry import Backend, ModelInfo, Registry
 from nexus.state.base import HistoryEntry
@@ -87,6 +94,21 @@ def backend_status_view(backend: Backend) -> dict[str, Any]:
 
 def backend_views(registry: Registry) -> list[dict[str, Any]]:
     return [backend_status_view(b) for b in sorted(registry.all(), key=lambda b: b.name)]
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether the ``Origin`` header names the host and port of the ``Host`` header
+    (case-insensitive; a port left out is the origin scheme's default). ``null``, a
+    non-HTTP scheme or anything unparsable is not the same origin."""
+    try:
+        source = URL(origin)
+        if source.scheme not in ("http", "https") or not source.host or source.user is not None:
+            return False
+        target = URL(f"{source.scheme}://{host}")
+        return target.host is not None and target.user is None and (
+            (source.host.lower(), source.port) == (target.host.lower(), target.port))
+    except (ValueError, TypeError):
+        return False
 
 
 class RecentRate:
@@ -242,6 +264,10 @@ class LiveHub:
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         """``GET /ws``: push until the client closes; its own frames are read and ignored."""
+        origin = request.headers.get(hdrs.ORIGIN)
+        if origin is not None and not same_origin(origin, request.host):
+            raise Forbidden("Cross-origin WebSocket connections are not allowed "
+                            f"(Origin {origin[:200]!r} is not {request.host[:200]!r})")
         if len(self.clients) >= MAX_CLIENTS:
             raise ServiceUnavailable(f"Too many dashboard connections (limit {MAX_CLIENTS})",
                                      headers={"Retry-After": "5"})
@@ -254,7 +280,9 @@ class LiveHub:
             if message is not None:
                 client.push(message)
         self.clients.add(client)
-        if self._ticker is None or self._ticker.done():
+        # The last client to leave cancels the ticker; a client joining in the same loop
+        # turn finds it cancelling but not yet done, and must start a fresh one.
+        if self._ticker is None or self._ticker.done() or self._ticker.cancelling():
             self._ticker = asyncio.create_task(self._tick())
         pump = asyncio.create_task(client.pump())
         try:

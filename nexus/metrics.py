@@ -13,7 +13,19 @@ several gateways in one process (tests) never share or collide on series.
 Cardinality is bounded: a ``model`` label value is a model some registered backend lists
 or the config names (aliases, fallbacks); any other name a client sends becomes
 ``other``. At most :data:`MAX_MODEL_LABELS` models and :data:`MAX_BACKEND_LABELS`
-backends get their own label value; later ones are ``other`` too.
+backends get their own label value; later ones are ``other`` too. The caps count what is
+live: when a new name finds its cap full and the registry has changed since the last look
+(``registry.version``), names of backends no longer registered and of models no longer
+listed or configured are forgotten first, so churn over the process's lifetime (mDNS,
+``POST``/``DELETE /v1/backends``) never leaves newcomers with ``other``. A known name
+costs one dict lookup, as before. (Series of departed backends stay, as every series does,
+so a gateway with much churn exposes more series over its lifetime than the caps.)
+
+Two backend ids may sanitise to one label value (``gpu-1`` and ``gpu_1``). Per-request
+series simply add up; gauges read at scrape are merged per label value, so no series is
+ever exposed twice: ``nexus_pending_requests`` is summed, and the ``nexus_agent_*``
+quality gauges show the worst of them (highest error rate and TTFT, lowest success
+rate), so an alert on the label fires when any backend behind it is bad.
 """
 
 from __future__ import annotations
@@ -126,6 +138,7 @@ class Metrics:
              *(m for chain in routing.fallbacks.values() for m in chain)])
         self._model_labels: dict[str, str] = {}
         self._backend_labels: dict[str, str] = {}
+        self._pruned_version = self._registry.version  # when the label caches were last pruned
 
         self.requests = _Counter("nexus_requests_total", "Requests that ended, by HTTP status and outcome.",
                                  ("model", "backend", "status", "outcome"))
@@ -167,14 +180,32 @@ class Metrics:
 
     # -- label values ----------------------------------------------------------------------
 
+    def _known_model(self, name: str) -> bool:
+        return bool(self._registry.backends_for(name)) or name in self._configured_models
+
+    def _prune(self) -> None:
+        """Forget the label values of backends no longer registered and of models no longer
+        listed or configured, if the registry changed since the last prune. Called only when
+        a new name finds its cap full, so it costs nothing on the request path until then,
+        and runs at most once per registry change."""
+        registry = self._registry
+        if registry.version == self._pruned_version:
+            return
+        self._pruned_version = registry.version
+        self._backend_labels = {i: v for i, v in self._backend_labels.items() if registry.get(i) is not None}
+        self._model_labels = {n: v for n, v in self._model_labels.items() if self._known_model(n)}
+
     def model_label(self, name: str) -> str:
         """``name`` sanitised if the fleet or config knows it, else ``other``."""
         label = self._model_labels.get(name)
         if label is not None:
             return label
-        if len(self._model_labels) >= MAX_MODEL_LABELS or not (
-                self._registry.backends_for(name) or name in self._configured_models):
+        if not self._known_model(name):
             return OTHER  # not cached: a client spraying names must not grow anything
+        if len(self._model_labels) >= MAX_MODEL_LABELS:
+            self._prune()
+            if len(self._model_labels) >= MAX_MODEL_LABELS:
+                return OTHER
         label = self._model_labels[name] = sanitize_label(name)
         return label
 
@@ -184,7 +215,9 @@ class Metrics:
         label = self._backend_labels.get(backend_id)
         if label is None:
             if len(self._backend_labels) >= MAX_BACKEND_LABELS:
-                return OTHER
+                self._prune()
+                if len(self._backend_labels) >= MAX_BACKEND_LABELS:
+                    return OTHER
             label = self._backend_labels[backend_id] = sanitize_label(backend_id)
         return label
 
@@ -254,6 +287,7 @@ class Metrics:
                                 value=len({m for b in healthy for m in b.models}))
         yield GaugeMetricFamily("nexus_queue_depth", "Requests waiting in the queue.", value=len(self.gateway.queue))
         pending: dict[str, float] = {}
+        worst: dict[str, list[float]] = {}  # label -> [error rate, success rate, TTFT s], worst per label
         error_rate = GaugeMetricFamily("nexus_agent_error_rate", "Backend error rate over the last hour.",
                                        labels=["agent_id"])
         success = GaugeMetricFamily("nexus_agent_success_rate_24h", "Backend success rate over 24 hours.",
@@ -265,9 +299,16 @@ class Metrics:
             pending[label] = pending.get(label, 0.0) + backend.pending
             quality = backend.quality
             if label != OTHER and quality.has_history:
-                error_rate.add_metric([label], quality.error_rate_1h)
-                success.add_metric([label], quality.success_rate_24h)
-                ttft.add_metric([label], quality.avg_ttft_ms / 1000)
+                values = [quality.error_rate_1h, quality.success_rate_24h, quality.avg_ttft_ms / 1000]
+                seen = worst.get(label)
+                if seen is None:
+                    worst[label] = values
+                else:  # another backend id with the same label value: keep the worst of each
+                    seen[:] = [max(seen[0], values[0]), min(seen[1], values[1]), max(seen[2], values[2])]
+        for label, (error, ok, seconds) in worst.items():
+            error_rate.add_metric([label], error)
+            success.add_metric([label], ok)
+            ttft.add_metric([label], seconds)
         gauge = GaugeMetricFamily("nexus_pending_requests", "Requests in flight per backend.", labels=["backend"])
         for label, value in pending.items():
             gauge.add_metric([label], value)

@@ -3,14 +3,17 @@ last 100 kept, and written to the state store so it survives a restart."""
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from nexus.history import CAPACITY, MAX_ERROR_CHARS, MAX_MODEL_CHARS, History, entry_of
 from nexus.record import RequestRecord
-from nexus.state.base import MemoryStore
+from nexus.state.base import HistoryEntry, MemoryStore
 from nexus.testing import CHAT, BackendFactory, NexusFactory, backend_entry
 
 
@@ -124,3 +127,40 @@ async def test_history_survives_a_gateway_restart_with_sqlite(
         history = await resp.json()
     assert [e["request_id"] for e in history] == ["before-1", "before-2"]
     assert history[0]["status"] == "Success" and history[0]["backend_id"] == "fake"
+
+
+class UnreadableStore(MemoryStore):
+    async def recent_history(self, limit: int) -> list[HistoryEntry]:
+        raise OSError("disk I/O error")
+
+
+async def test_a_store_that_cannot_be_read_starts_an_empty_history(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="nexus.history")
+    store = UnreadableStore()
+    history = History()
+    history.record(finished("early", outcome="success", status=200))
+    await history.load(store)  # never raises because of the store
+    assert [e.request_id for e in history.entries()] == ["early"]
+    assert any("disk I/O error" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    history.record(finished("later", outcome="success", status=200))
+    assert [e.request_id for e in store._history] == ["later"]  # still written to the store
+
+
+async def test_an_undecodable_stored_row_does_not_block_start_up(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    backend = await fake_backend()
+    path = tmp_path / "state.db"
+    raw = {"backends": [backend_entry(backend)], "state": {"backend": "sqlite", "path": str(path)}}
+    first = await nexus(raw)
+    async with http.post(f"{first.url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "kept"}) as resp:
+        assert resp.status == 200
+    await first.runner.cleanup()
+    with sqlite3.connect(path) as conn:  # a damaged row, and one of a format this Nexus does not know
+        conn.executemany("INSERT INTO history (entry) VALUES (?)", [(b"\xff{garbage",), (b'{"request_id": 7}',)])
+    conn.close()
+
+    second = await nexus(raw)
+    async with http.get(f"{second.url}/v1/history") as resp:
+        assert resp.status == 200
+        history = await resp.json()
+    assert [e["request_id"] for e in history] == ["kept"]

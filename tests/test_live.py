@@ -10,6 +10,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from aiohttp import web
+
 from nexus import live
 from nexus.dashboard import DashboardPanel
 from nexus.hookspecs import hookimpl
@@ -220,3 +222,61 @@ async def test_connections_beyond_the_limit_get_503(nexus: NexusFactory, http: a
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(f"{gw.url}/ws")
         assert refused.value.status == 503
+
+
+async def test_a_page_of_another_origin_cannot_open_the_feed(fake_backend: BackendFactory, nexus: NexusFactory,
+                                                            http: aiohttp.ClientSession) -> None:
+    backend = await fake_backend(name="gpu-1")
+    gw = await nexus({"backends": [backend_entry(backend)]})
+    hub = gw.app[live.LIVE]
+    port = gw.url.rsplit(":", 1)[1]
+    for origin in ("http://evil.example", f"http://evil.example:{port}", f"http://localhost:{port}",
+                   "http://127.0.0.1", "null", f"file://127.0.0.1:{port}"):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{gw.url}/ws", origin=origin)
+        assert refused.value.status == 403, origin
+    async with http.get(f"{gw.url}/ws", headers={"Origin": "http://evil.example"}) as resp:  # refused before the upgrade
+        assert resp.status == 403
+        error = (await resp.json())["error"]
+    assert error["type"] == "permission_error" and error["code"] == "permission_denied"
+    assert not hub.clients
+
+    for origin in (gw.url, None):  # the page's own origin (the dashboard's script); not a browser
+        async with http.ws_connect(f"{gw.url}/ws", origin=origin) as ws:
+            views = await next_update(ws, "BackendStatus")
+            assert [v["id"] for v in views] == ["gpu-1"]
+
+
+async def test_a_client_joining_as_the_last_one_leaves_still_gets_periodic_stats(
+        fake_backend: BackendFactory, nexus: NexusFactory, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(live, "STATS_INTERVAL", 0.05)
+    backend = await fake_backend()
+    gw = await nexus({"backends": [backend_entry(backend)]})
+    hub = gw.app[live.LIVE]
+    held, gate = asyncio.Event(), asyncio.Event()
+    prepare = web.WebSocketResponse.prepare
+
+    async def gated_prepare(self: web.WebSocketResponse, request: web.Request) -> Any:
+        result = await prepare(self, request)
+        if "X-Gated" in request.headers:  # the second client waits here, upgraded but not yet joined
+            held.set()
+            await gate.wait()
+        return result
+
+    class GateOnDiscard(set[Any]):
+        def discard(self, client: Any) -> None:  # the leaving client's finally releases the joining one
+            super().discard(client)
+            gate.set()  # so it resumes in the same loop turn as the ticker's cancellation
+
+    monkeypatch.setattr(web.WebSocketResponse, "prepare", gated_prepare)
+    first = await http.ws_connect(f"{gw.url}/ws")
+    await next_update(first, "StatsUpdate")
+    await next_update(first, "StatsUpdate")  # the ticker runs
+    async with http.ws_connect(f"{gw.url}/ws", headers={"X-Gated": "1"}) as second:
+        await held.wait()
+        hub.clients = GateOnDiscard(hub.clients)
+        await first.close()  # the last joined client leaves: its finally cancels the ticker
+        await next_update(second, "StatsUpdate")  # the snapshot on connect
+        await next_update(second, "StatsUpdate")  # a periodic one: the ticker was restarted
+        assert hub._ticker is not None and not hub._ticker.done()

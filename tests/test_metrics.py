@@ -9,10 +9,15 @@ import string
 from typing import Any
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nexus import metrics as metrics_mod
+from nexus.adapters.generic import GenericAdapter
+from nexus.config import BackendConfig
 from nexus.metrics import MAX_BACKEND_LABELS, Metrics, sanitize_label
 from nexus.record import RequestRecord
+from nexus.registry import Backend, ModelInfo
 from nexus.testing import CHAT, BackendFactory, NexusFactory, RunningNexus, backend_entry
 
 STREAM = {**CHAT, "stream": True}
@@ -173,7 +178,7 @@ def test_label_sanitising() -> None:
 class _FakeGateway:
     """What :class:`Metrics` reads of a gateway, for tests without a server."""
 
-    def __init__(self) -> None:
+    def __init__(self, raw: dict[str, Any] | None = None) -> None:
         from nexus import config as config_mod
         from nexus.budget import Budget
         from nexus.pricing import PriceTable
@@ -182,21 +187,81 @@ class _FakeGateway:
         from nexus.registry import Registry
         from nexus.routing.router import Pipeline
 
-        self.config = config_mod.build({}, source="test")
+        self.config = config_mod.build(raw or {}, source="test")
         self.registry = Registry()
         self.pipeline = Pipeline([])
         self.queue = RequestQueue(self.config.queue)
         self.budget = Budget(self.config.routing.budget, MemoryStore(), PriceTable(self.config.routing.budget))
 
 
-def _metrics() -> Metrics:
-    return Metrics(_FakeGateway())  # type: ignore[arg-type]
+def _metrics(raw: dict[str, Any] | None = None) -> Metrics:
+    return Metrics(_FakeGateway(raw))  # type: ignore[arg-type]
 
 
 def test_backend_labels_are_capped() -> None:
     metrics = _metrics()
     labels = {metrics.backend_label(f"mdns-{i}") for i in range(MAX_BACKEND_LABELS + 50)}
     assert len(labels) == MAX_BACKEND_LABELS + 1 and "other" in labels
+
+
+def generic_backend(name: str) -> Backend:
+    spec = BackendConfig(name=name, url=f"http://{name}.invalid", type="generic")
+    return Backend(id=name, name=name, url=spec.url, adapter=GenericAdapter(spec, None),  # type: ignore[arg-type]
+                   zone="restricted", tier=1, priority=50)
+
+
+def test_label_caps_count_live_backends_and_models_not_every_one_ever_seen(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics_mod, "MAX_BACKEND_LABELS", 3)
+    monkeypatch.setattr(metrics_mod, "MAX_MODEL_LABELS", 4)
+    metrics = _metrics({"routing": {"aliases": {"fast": "llama3"}}})
+    registry = metrics.gateway.registry
+    assert metrics.model_label("fast") == "fast"  # configured: never forgotten
+    for generation in range(4):  # churn: each generation replaces the whole fleet (mDNS, POST/DELETE)
+        fleet = [generic_backend(f"gen{generation}-{i}") for i in range(4)]
+        models = [f"gen{generation}-m{i}-{k}" for i in range(4) for k in range(2)]
+        for i, backend in enumerate(fleet):
+            registry.add(backend)
+            registry.set_models(backend, [ModelInfo(id=m) for m in models[2 * i:2 * i + 2]])
+        # the caps hold against the live fleet: three backends, and three models beside the alias
+        assert [metrics.backend_label(b.id) for b in fleet] == [f"gen{generation}_0", f"gen{generation}_1",
+                                                                  f"gen{generation}_2", "other"]
+        assert [metrics.model_label(m) for m in models] == [sanitize_label(m) for m in models[:3]] + ["other"] * 5
+        assert metrics.model_label("fast") == "fast" and metrics.model_label("nope") == "other"
+        for backend in fleet:
+            registry.remove(backend.id)
+    assert len(metrics._backend_labels) <= 3 and len(metrics._model_labels) <= 4
+
+
+async def test_backend_ids_sharing_a_label_never_duplicate_a_series(fake_backend: BackendFactory,
+                                                                    nexus: NexusFactory,
+                                                                    http: aiohttp.ClientSession) -> None:
+    dash = await fake_backend(name="gpu-1", models=["a"])
+    under = await fake_backend(name="gpu_1", models=["b"])
+    gw = await nexus({"backends": [backend_entry(dash), backend_entry(under)]})
+    for model in ("a", "b"):
+        async with http.post(f"{gw.url}/v1/chat/completions", json={**CHAT, "model": model}) as resp:
+            assert resp.status == 200
+    registry = gw.gateway.registry
+    slow, failing = registry.get("gpu-1"), registry.get("gpu_1")
+    assert slow is not None and failing is not None
+    for backend in (slow, failing):
+        backend.quality.reset()  # only the outcomes below
+    slow.quality.record(True, 800.0)  # the slower one ...
+    failing.quality.record(True, 400.0)
+    failing.quality.record(False, None)  # ... and the one that fails
+    for backend in (slow, failing):
+        backend.quality.recompute(1.0)
+    m = await scrape(gw, http)
+    for name, samples in m.items():
+        keys = [tuple(sorted(labels.items())) for labels, _ in samples]
+        assert len(keys) == len(set(keys)), (name, keys)
+    # one series per label value, showing the worst of the backends behind it, gauge by gauge
+    assert value(m, "nexus_agent_error_rate", agent_id="gpu_1") == 0.5
+    assert value(m, "nexus_agent_success_rate_24h", agent_id="gpu_1") == 0.5
+    assert value(m, "nexus_agent_ttft_seconds", agent_id="gpu_1") == 0.8
+    assert value(m, "nexus_requests_total", model="a", backend="gpu_1", outcome="success") == 1
+    assert value(m, "nexus_pending_requests", backend="gpu_1") == 0
 
 
 def test_cost_histogram_and_error_types() -> None:

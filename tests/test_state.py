@@ -18,7 +18,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from redis.exceptions import RedisError
 
@@ -254,6 +256,57 @@ async def test_a_touched_hold_is_young_again_so_a_long_request_is_not_reclaimed(
     finally:
         await elsewhere.close()
         await here.close()
+
+
+def entry_json(n: int, *, drop: tuple[str, ...] = (), **extra: object) -> bytes:
+    """``entry(n)`` as a stored row, written by another Nexus version: fields left out or added."""
+    fields = {k: v for k, v in msgspec.to_builtins(entry(n)).items() if k not in drop}
+    return msgspec.json.encode({**fields, **extra})
+
+
+async def insert_raw_history(store: StateStore, rows: list[bytes | int]) -> None:
+    """Append ``rows`` to the store's history as they are, behind its back (newest last)."""
+    await store.recent_history(1)  # the store has written out what it queued
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(store.path) as conn:
+            conn.executemany("INSERT INTO history (entry) VALUES (?)", [(row,) for row in rows])
+        conn.close()
+    else:
+        assert isinstance(store, RedisStore)
+        client = aioredis.from_url(store.url)
+        try:
+            await client.lpush(f"{store.prefix}:history", *rows)
+        finally:
+            await client.aclose()
+
+
+async def test_history_rows_that_do_not_decode_are_skipped_not_fatal(
+        durable: StoreFactory, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="nexus.state")
+    store = durable()
+    await store.open()
+    try:
+        store.append_history(entry(0))
+        await insert_raw_history(store, [
+            b"\x00\xff this is not JSON {",
+            42,  # not even text
+            b"[1, 2, 3]",  # JSON, not an entry
+            entry_json(1, drop=("request_id",)),  # a required field missing
+            entry_json(1, status_code="two hundred"),  # a field of the wrong type
+            entry_json(2, drop=("ttft_ms", "prompt_tokens", "cost_usd", "stream", "error_message")),  # older
+            entry_json(3, added_by_a_newer_nexus={"x": 1}),  # newer: the unknown field is ignored
+        ])
+        store.append_history(entry(4))
+        history = await store.recent_history(100)
+    finally:
+        await store.close()
+    assert [e.request_id for e in history] == ["req-0", "req-2", "req-3", "req-4"]
+    older = history[1]
+    assert older.ttft_ms is None and older.prompt_tokens is None and older.cost_usd is None
+    assert older.stream is False and older.model == "m" and older.status_code == 200
+    assert history[2] == entry(3)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Skipped 5 stored history row(s)" in warnings[0].getMessage()
 
 
 # -- SQLite ------------------------------------------------------------------------------------

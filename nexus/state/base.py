@@ -12,24 +12,29 @@ from nexus.errors import ConfigError
 
 
 class HistoryEntry(msgspec.Struct, kw_only=True):
-    """One finished request as ``/v1/history``, the dashboard and the store see it."""
+    """One finished request as ``/v1/history``, the dashboard and the store see it.
+
+    Fields whose absence has a plain meaning (unknown, empty, not a stream) have defaults,
+    so a stored row written by an older or newer Nexus (fields missing, or extra ones,
+    which are ignored) still decodes; the rest identify the request and stay required.
+    """
 
     request_id: str
     timestamp: float  # unix seconds, when the request arrived
     endpoint: str
     model: str  # as the client asked
-    resolved_model: str | None  # what was served (alias or fallback applied)
+    resolved_model: str | None = None  # what was served (alias or fallback applied)
     backend_id: str  # "none" when no backend was tried
-    backend_type: str | None  # local | cloud
-    route_reason: str
+    backend_type: str | None = None  # local | cloud
+    route_reason: str = ""
     status: str  # Success | Error | Cancelled | Interrupted
     status_code: int
     duration_ms: float
-    ttft_ms: float | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cost_usd: float | None
-    stream: bool
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    stream: bool = False
     error_message: str | None = None
 
 

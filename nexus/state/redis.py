@@ -298,7 +298,17 @@ class RedisStore(StateStore):
         client = self._check_open()
         await self._written()
         newest_first = await client.lrange(self._key("history"), 0, min(limit, HISTORY_KEEP) - 1)
-        return [_history_decoder.decode(data) for data in reversed(newest_first)]
+        entries: list[HistoryEntry] = []
+        skipped: list[Exception] = []
+        for data in reversed(newest_first):  # row by row: one bad row loses only itself
+            try:
+                entries.append(_history_decoder.decode(data))
+            except (msgspec.DecodeError, TypeError, ValueError) as exc:
+                skipped.append(exc)
+        if skipped:
+            log.warning("Skipped %d stored history row(s) that could not be decoded (first: %s)",
+                        len(skipped), skipped[0])
+        return entries
 
     # -- quality history ---------------------------------------------------------------------
 

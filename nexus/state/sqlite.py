@@ -409,7 +409,17 @@ class SqliteStore(StateStore):
             rows = conn.execute("SELECT entry FROM history ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
             return [row[0] for row in reversed(rows)]
 
-        return [_history_decoder.decode(data) for data in await self._call(op, write=False)]
+        entries: list[HistoryEntry] = []
+        skipped: list[Exception] = []
+        for data in await self._call(op, write=False):  # row by row: one bad row loses only itself
+            try:
+                entries.append(_history_decoder.decode(data))
+            except (msgspec.DecodeError, TypeError, ValueError) as exc:
+                skipped.append(exc)
+        if skipped:
+            log.warning("Skipped %d stored history row(s) that could not be decoded (first: %s)",
+                        len(skipped), skipped[0])
+        return entries
 
     # -- quality history ---------------------------------------------------------------------
 
