@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import msgspec
 
+from nexus.adapters.base import heuristic_tokens
 from nexus.config import BudgetConfig
 from nexus.errors import ServiceUnavailable
 from nexus.pricing import PriceTable
@@ -61,6 +62,10 @@ def month_of(timestamp: float) -> str:
 def next_month(month: str) -> str:
     year, mon = (int(part) for part in month.split("-"))
     return f"{year + mon // 12:04d}-{mon % 12 + 1:02d}"
+
+
+def _heuristic(model: str, text: str) -> int:
+    return heuristic_tokens(text)
 
 
 # -- prompt text, for exact counts (decoded only for priced cloud requests) -------------------
@@ -143,10 +148,6 @@ class Budget:
         self._reads: list[list[float]] = []  # [spent, reserved] changes per refresh() in flight
 
     # -- status -------------------------------------------------------------------------------
-
-    @property
-    def enabled(self) -> bool:
-        return self.limit is not None
 
     def utilization(self) -> float:
         if not self.limit:
@@ -271,8 +272,10 @@ class Budget:
             record.cost_usd, record.cost_source = None, "unpriced"
             return
         if record.completion_tokens is None and streamed_text is not None:
-            adapter = backend.adapter
-            record.completion_tokens = adapter.count_tokens(attempt.model, streamed_text)
+            # Counted on the event loop as the stream ends: exact up to 50,000 characters (a few
+            # ms of tiktoken at most); beyond, upstream's heuristic, which errs high.
+            count = backend.adapter.count_tokens if len(streamed_text) <= 50_000 else _heuristic
+            record.completion_tokens = count(attempt.model, streamed_text)
             if record.prompt_tokens is None and isinstance(record.reservation, Reservation):
                 record.prompt_tokens = record.reservation.prompt_tokens
             record.cost_source = "counted"

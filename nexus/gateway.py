@@ -106,8 +106,6 @@ class Gateway:
             self._settle(self.build_backend(spec, spec.name, "static"))
         for backend in self.registry.all():
             await self._restore_quality(backend)
-            if backend.cloud:  # load its tokenizer now, off the loop, not on the first request
-                self._spawn(asyncio.to_thread(_warm_tokenizer, backend), f"tokenizer of {backend.id}")
         if health_check:
             self._spawn(self.health.run(), "health checker")
         self._spawn(self._recompute_quality(), "quality tracker")
@@ -247,6 +245,8 @@ class Gateway:
             quality=BackendQuality(self.config.quality.retry_after_seconds),
         )
         self.registry.add(backend)
+        if backend.cloud:  # load its tokenizer now, off the loop, not on its first request
+            self._spawn(asyncio.to_thread(_warm_tokenizer, backend), f"tokenizer of {backend.id}")
         if spec.models:
             self.registry.set_models(backend, [adapter.describe_model(m) for m in spec.models])
         return backend
