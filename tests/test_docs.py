@@ -170,7 +170,8 @@ def ci_command() -> str:
 def test_ci_runs_the_readme_test_command() -> None:
     command = ci_command()
     assert command == (
-        "(command -v redis-server && command -v chromium || (apt-get update && apt-get install -y "
+        "(command -v redis-server && command -v chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive "
+        "apt-get install -y "
         "--no-install-recommends redis-server chromium)) >/dev/null && "
         "python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt && .venv/bin/python -m pytest"
     )
