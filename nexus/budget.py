@@ -37,6 +37,7 @@ from nexus.config import BudgetConfig
 from nexus.errors import ServiceUnavailable
 from nexus.pricing import PriceTable
 from nexus.record import RequestRecord
+from nexus.routing.analysis import MessagePeek
 from nexus.routing.router import Attempt
 from nexus.state.base import StateStore
 
@@ -70,16 +71,8 @@ def _heuristic(model: str, text: str) -> int:
 
 # -- prompt text, for exact counts (decoded only for priced cloud requests) -------------------
 
-class _Part(msgspec.Struct):
-    text: str | None = None
-
-
-class _Message(msgspec.Struct):
-    content: str | list[_Part] | None = None
-
-
 class _PromptPeek(msgspec.Struct):
-    messages: list[_Message] = []
+    messages: list[MessagePeek] = []
     prompt: msgspec.Raw = msgspec.Raw(b"")
     input: msgspec.Raw = msgspec.Raw(b"")
 

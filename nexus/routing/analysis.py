@@ -15,13 +15,13 @@ from nexus.registry import ModelInfo
 from nexus.routing.intent import ReconcilerContext, Requirements, RoutingIntent
 
 
-class _Part(msgspec.Struct):
+class PartPeek(msgspec.Struct):
     type: str = ""
     text: str | None = None
 
 
-class _Message(msgspec.Struct):
-    content: str | list[_Part] | None = None
+class MessagePeek(msgspec.Struct):
+    content: str | list[PartPeek] | None = None
 
 
 class _ResponseFormat(msgspec.Struct):
@@ -30,7 +30,7 @@ class _ResponseFormat(msgspec.Struct):
 
 class ChatPeek(msgspec.Struct):
     model: str
-    messages: list[_Message]
+    messages: list[MessagePeek]
     stream: bool | None = None
     tools: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     functions: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET

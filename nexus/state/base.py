@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import abc
+import logging
 from collections import deque
+from collections.abc import Iterable
 
 import msgspec
 
 from nexus.config import StateConfig
 from nexus.errors import ConfigError
+
+log = logging.getLogger("nexus.state")
 
 
 class HistoryEntry(msgspec.Struct, kw_only=True):
@@ -36,6 +40,25 @@ class HistoryEntry(msgspec.Struct, kw_only=True):
     cost_usd: float | None = None
     stream: bool = False
     error_message: str | None = None
+
+
+_history_decoder = msgspec.json.Decoder(HistoryEntry)
+
+
+def decode_history(rows: Iterable[bytes | str]) -> list[HistoryEntry]:
+    """Stored history rows, oldest first, decoded row by row: a bad row (another version's,
+    or damaged) loses only itself, with one warning per read."""
+    entries: list[HistoryEntry] = []
+    skipped: list[Exception] = []
+    for data in rows:
+        try:
+            entries.append(_history_decoder.decode(data))
+        except (msgspec.DecodeError, TypeError, ValueError) as exc:
+            skipped.append(exc)
+    if skipped:
+        log.warning("Skipped %d stored history row(s) that could not be decoded (first: %s)",
+                    len(skipped), skipped[0])
+    return entries
 
 
 class QualityBucket(msgspec.Struct, array_like=True):

@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from nexus.errors import ConfigError
 from nexus.redact import redact_url as redacted
-from nexus.state.base import HistoryEntry, QualityBucket, StateStore
+from nexus.state.base import HistoryEntry, QualityBucket, StateStore, decode_history
 from nexus.state.sqlite import from_micros, this_owner, to_micros
 
 log = logging.getLogger("nexus.state")
@@ -90,7 +90,6 @@ end
 return 1
 """
 
-_history_decoder = msgspec.json.Decoder(HistoryEntry)
 _buckets_decoder = msgspec.json.Decoder(list[QualityBucket])
 _encoder = msgspec.json.Encoder()
 
@@ -298,17 +297,7 @@ class RedisStore(StateStore):
         client = self._check_open()
         await self._written()
         newest_first = await client.lrange(self._key("history"), 0, min(limit, HISTORY_KEEP) - 1)
-        entries: list[HistoryEntry] = []
-        skipped: list[Exception] = []
-        for data in reversed(newest_first):  # row by row: one bad row loses only itself
-            try:
-                entries.append(_history_decoder.decode(data))
-            except (msgspec.DecodeError, TypeError, ValueError) as exc:
-                skipped.append(exc)
-        if skipped:
-            log.warning("Skipped %d stored history row(s) that could not be decoded (first: %s)",
-                        len(skipped), skipped[0])
-        return entries
+        return decode_history(reversed(newest_first))
 
     # -- quality history ---------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from nexus.errors import ConfigError
-from nexus.state.base import HistoryEntry, QualityBucket, StateStore
+from nexus.state.base import HistoryEntry, QualityBucket, StateStore, decode_history
 
 log = logging.getLogger("nexus.state")
 
@@ -73,7 +73,6 @@ CREATE TABLE IF NOT EXISTS quality (
 );
 """
 
-_history_decoder = msgspec.json.Decoder(HistoryEntry)
 _buckets_decoder = msgspec.json.Decoder(list[QualityBucket])
 _encoder = msgspec.json.Encoder()
 
@@ -409,17 +408,7 @@ class SqliteStore(StateStore):
             rows = conn.execute("SELECT entry FROM history ORDER BY seq DESC LIMIT ?", (n,)).fetchall()
             return [row[0] for row in reversed(rows)]
 
-        entries: list[HistoryEntry] = []
-        skipped: list[Exception] = []
-        for data in await self._call(op, write=False):  # row by row: one bad row loses only itself
-            try:
-                entries.append(_history_decoder.decode(data))
-            except (msgspec.DecodeError, TypeError, ValueError) as exc:
-                skipped.append(exc)
-        if skipped:
-            log.warning("Skipped %d stored history row(s) that could not be decoded (first: %s)",
-                        len(skipped), skipped[0])
-        return entries
+        return decode_history(await self._call(op, write=False))
 
     # -- quality history ---------------------------------------------------------------------
 
